@@ -1,0 +1,302 @@
+"""Finding and lazily reading full checkpoints, one tensor at a time.
+
+A :class:`TensorStore` is a read-only mapping from tensor name to tensor that reads nothing
+until asked: ``keys()`` and ``shape()`` come from headers and indexes, ``get()`` reads one
+tensor. Supported:
+
+* a ``.safetensors`` file (memory-mapped by ``safe_open``);
+* sharded safetensors with ``*.safetensors.index.json`` (``{"weight_map": {name: shard}}``);
+* ``pytorch_model.bin`` / ``.pt`` / ``.pth`` / ``.ckpt``, and sharded ``.bin`` with
+  ``pytorch_model.bin.index.json``, loaded with ``weights_only=True`` (never running pickled
+  code) and memory-mapped where the file format allows;
+* a folder holding any of these (see :func:`find_checkpoint_file` for the order).
+
+Anything unreadable raises :class:`~dora_analysis.errors.InputError` naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import zipfile
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .errors import InputError
+
+SAFETENSORS_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+# Looked for in this order inside a checkpoint folder; the first that exists wins.
+_FOLDER_CANDIDATES = (
+    "model.safetensors.index.json",
+    "model.safetensors",
+    "pytorch_model.bin.index.json",
+    "pytorch_model.bin",
+)
+
+
+class TensorStore(ABC):
+    """Read-only, lazy name -> tensor mapping backed by one checkpoint on disk."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @abstractmethod
+    def keys(self) -> list[str]:
+        """All tensor names, in file order."""
+
+    @abstractmethod
+    def shape(self, key: str) -> tuple[int, ...]:
+        """Shape of ``key`` without reading its data."""
+
+    @abstractmethod
+    def _read(self, key: str) -> torch.Tensor:
+        """Read one tensor (in its stored dtype)."""
+
+    def get(self, key: str) -> torch.Tensor:
+        """Read tensor ``key`` in its stored dtype.
+
+        Raises:
+            InputError: The name is absent or the bytes cannot be read.
+        """
+        if key not in self:
+            raise InputError("no such tensor in checkpoint", path=self.path, tensor=key)
+        return self._read(key)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._key_set
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self._key_set)
+
+    @cached_property
+    def _key_set(self) -> frozenset[str]:
+        return frozenset(self.keys())
+
+    @cached_property
+    def config(self) -> dict[str, Any]:
+        """The ``config.json`` beside the checkpoint (Hugging Face model config), or ``{}``."""
+        folder = self.path if self.path.is_dir() else self.path.parent
+        cfg = folder / "config.json"
+        if not cfg.is_file():
+            return {}
+        try:
+            data = json.loads(cfg.read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.path)!r}, {len(self)} tensors)"
+
+
+class SafetensorsStore(TensorStore):
+    """One ``.safetensors`` file, memory-mapped; header parsed once on open."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        try:
+            self._handle = safe_open(str(path), framework="pt")
+            self._keys = list(self._handle.keys())
+            self._shapes = {k: tuple(self._handle.get_slice(k).get_shape()) for k in self._keys}
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise InputError(
+                f"not a readable safetensors file ({_short(exc)})",
+                path=path,
+                hint="the file may be truncated or corrupt; re-download or re-save it",
+            ) from exc
+
+    def keys(self) -> list[str]:
+        return list(self._keys)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._shapes[key]
+
+    def _read(self, key: str) -> torch.Tensor:
+        try:
+            return self._handle.get_tensor(key)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise InputError(f"cannot read tensor ({_short(exc)})", path=self.path, tensor=key) from exc
+
+
+class TorchStore(TensorStore):
+    """A pickled state dict (``.bin``/``.pt``/...), loaded with ``weights_only=True``.
+
+    Zip-format files (torch >= 1.6) are memory-mapped, so tensors are paged in only when
+    touched; legacy files are read whole, which is unavoidable for that format.
+    """
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self._tensors = _flatten_state(_torch_load(path), path)
+
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._tensors[key].shape)
+
+    def _read(self, key: str) -> torch.Tensor:
+        return self._tensors[key]
+
+
+class ShardedStore(TensorStore):
+    """A checkpoint split over shards, described by a ``*.index.json`` weight map.
+
+    Shards are opened on first use; each shard's header is read once.
+    """
+
+    def __init__(self, index_path: Path) -> None:
+        super().__init__(index_path)
+        try:
+            index = json.loads(index_path.read_text())
+            weight_map = index["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise TypeError("weight_map is not an object")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise InputError(
+                f"not a valid checkpoint index ({_short(exc)})",
+                path=index_path,
+                hint='expected JSON with {"weight_map": {tensor_name: shard_file}}',
+            ) from exc
+        self._weight_map: dict[str, str] = {str(k): str(v) for k, v in weight_map.items()}
+        self._shards: dict[str, TensorStore] = {}
+        for shard in set(self._weight_map.values()):
+            if not (index_path.parent / shard).is_file():
+                raise InputError("shard listed in the index is missing", path=index_path.parent / shard)
+
+    def _shard(self, key: str) -> TensorStore:
+        name = self._weight_map[key]
+        if name not in self._shards:
+            self._shards[name] = open_file(self.path.parent / name)
+        return self._shards[name]
+
+    def keys(self) -> list[str]:
+        return list(self._weight_map)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        shard = self._shard(key)
+        if key not in shard:
+            raise InputError("tensor listed in the index is missing from its shard", path=shard.path, tensor=key)
+        return shard.shape(key)
+
+    def _read(self, key: str) -> torch.Tensor:
+        shard = self._shard(key)
+        if key not in shard:
+            raise InputError("tensor listed in the index is missing from its shard", path=shard.path, tensor=key)
+        return shard.get(key)
+
+
+def open_file(path: Path) -> TensorStore:
+    """Open one checkpoint file (safetensors, pickle, or an index of shards)."""
+    name = path.name
+    if name.endswith(".index.json"):
+        return ShardedStore(path)
+    if name.endswith(SAFETENSORS_SUFFIXES):
+        return SafetensorsStore(path)
+    if name.endswith(PICKLE_SUFFIXES):
+        return TorchStore(path)
+    raise InputError(
+        "unknown checkpoint format",
+        path=path,
+        hint="expected .safetensors, .bin/.pt/.pth/.ckpt, a *.index.json, or a folder holding one",
+    )
+
+
+def find_checkpoint_file(folder: Path) -> Path | None:
+    """The weights file a checkpoint folder holds, or None.
+
+    Order: ``model.safetensors.index.json``, ``model.safetensors``,
+    ``pytorch_model.bin.index.json``, ``pytorch_model.bin``; else the only
+    ``*.safetensors.index.json``, ``*.bin.index.json``, ``*.safetensors`` or pickle file.
+    """
+    for name in _FOLDER_CANDIDATES:
+        if (folder / name).is_file():
+            return folder / name
+    for pattern in ("*.safetensors.index.json", "*.bin.index.json", "*.safetensors", *(f"*{s}" for s in PICKLE_SUFFIXES)):
+        found = sorted(p for p in folder.glob(pattern) if p.is_file() and not p.name.startswith(("optimizer", "scheduler", "rng_state", "training_args")))
+        if len(found) == 1:
+            return found[0]
+        if len(found) > 1:
+            raise InputError(
+                f"several candidate weight files ({', '.join(p.name for p in found[:4])})",
+                path=folder,
+                hint="point at one file, or add an index.json that lists the shards",
+            )
+    return None
+
+
+def open_checkpoint(path: str | Path) -> TensorStore:
+    """Open a full checkpoint: a weights file or a folder holding one.
+
+    Args:
+        path: A ``.safetensors``/``.bin``/``.pt`` file, a ``*.index.json``, or a folder.
+
+    Returns:
+        A lazy :class:`TensorStore`.
+
+    Raises:
+        InputError: The path is missing, holds no checkpoint, or cannot be read.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError("no such file or folder", path=path)
+    if path.is_dir():
+        found = find_checkpoint_file(path)
+        if found is None:
+            raise InputError(
+                "no checkpoint in folder",
+                path=path,
+                hint="expected model.safetensors, pytorch_model.bin, a sharded index, or checkpoint-N/ subfolders",
+            )
+        return open_file(found)
+    return open_file(path)
+
+
+def _torch_load(path: Path) -> Any:
+    """``torch.load`` that never executes pickled code and maps the file where it can."""
+    mmap = zipfile.is_zipfile(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as exc:
+        raise InputError(
+            f"refusing to load: the pickle holds more than plain tensors ({_short(exc)})",
+            path=path,
+            hint="only weights_only=True loads are allowed; convert it to safetensors in a trusted environment",
+        ) from exc
+    except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile) as exc:
+        raise InputError(
+            f"not a readable PyTorch checkpoint ({_short(exc)})",
+            path=path,
+            hint="the file may be truncated or corrupt",
+        ) from exc
+
+
+def _flatten_state(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a loaded state dict, unwrapping ``{"state_dict": ...}``-style containers."""
+    if isinstance(obj, dict):
+        for wrapper in ("state_dict", "model_state_dict", "model", "module"):
+            inner = obj.get(wrapper)
+            if isinstance(inner, dict) and any(isinstance(v, torch.Tensor) for v in inner.values()):
+                obj = inner
+                break
+        tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        if tensors:
+            return tensors
+    raise InputError("file holds no state dict of tensors", path=path)
+
+
+def _short(exc: BaseException) -> str:
+    """First line of an exception's message, for one-line errors."""
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
