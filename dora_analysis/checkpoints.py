@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import zipfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -269,11 +270,16 @@ def _torch_load(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
-        raise InputError(
-            f"refusing to load: the pickle holds more than plain tensors ({_short(exc)})",
-            path=path,
-            hint="only weights_only=True loads are allowed; convert it to safetensors in a trusted environment",
-        ) from exc
+        # weights_only refuses two different things: globals (code, custom classes), which we
+        # must never run, and bytes that are not a torch pickle at all.
+        blocked = re.search(r"(unsupported GLOBAL [\w.]+|Unsupported global: [^\s]+)", str(exc), re.IGNORECASE)
+        if blocked:
+            raise InputError(
+                f"refusing to load: the pickle calls code or custom classes ({blocked.group(1)})",
+                path=path,
+                hint="only weights_only=True loads are allowed; convert it to safetensors in a trusted environment",
+            ) from exc
+        raise InputError("not a readable PyTorch checkpoint (not a torch-saved state dict)", path=path) from exc
     except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile) as exc:
         raise InputError(
             f"not a readable PyTorch checkpoint ({_short(exc)})",

@@ -78,14 +78,21 @@ class FullSnapshot(Snapshot):
         return f"FullSnapshot({str(self.path)!r})"
 
 
-def open_snapshot(path: str | Path) -> Snapshot:
-    """Open one tuned state: an adapter (any supported format) or a full checkpoint."""
+def open_snapshot(path: str | Path, *, dora_scale_axis: str | None = None) -> Snapshot:
+    """Open one tuned state: an adapter (any supported format) or a full checkpoint.
+
+    Args:
+        path: An adapter folder or file, or a full checkpoint folder or file.
+        dora_scale_axis: Passed to the adapter reader for kohya/LyCORIS ``dora_scale`` on
+            square matrices, whose axis the shape cannot tell.
+    """
     from . import adapters  # local: adapters builds on this module
 
     path = Path(path)
     if not path.exists():
         raise InputError("no such file or folder", path=path)
-    snap = adapters.open_adapter(path)
+    options = {} if dora_scale_axis is None else {"dora_axis": dora_scale_axis}
+    snap = adapters.open_adapter(path, **options)
     return snap if snap is not None else FullSnapshot(open_checkpoint(path))
 
 
@@ -137,6 +144,7 @@ def open_run(
     *,
     name: str | None = None,
     method: str | None = None,
+    dora_scale_axis: str | None = None,
 ) -> Run:
     """Open a run folder (``checkpoint-N/`` subfolders) or a single tuned checkpoint.
 
@@ -144,6 +152,7 @@ def open_run(
         path: A run folder, a checkpoint folder, an adapter folder, or a weights file.
         name: The ``run`` label; default: the path's final component.
         method: Override the method label (default: from the snapshots; ``ft`` for full).
+        dora_scale_axis: See :func:`open_snapshot`.
 
     Returns:
         A :class:`Run`. A single checkpoint is one step: its ``global_step`` from
@@ -154,13 +163,13 @@ def open_run(
         raise InputError("no such file or folder", path=path)
     dirs = checkpoint_dirs(path)
     if dirs:
-        steps = [(step, open_snapshot(p)) for step, p in dirs]
+        steps = [(step, open_snapshot(p, dora_scale_axis=dora_scale_axis)) for step, p in dirs]
     else:
         step = read_step(path) if path.is_dir() else None
         if step is None:
             m = CHECKPOINT_DIR_RE.match(path.name)
             step = int(m.group(1)) if m else 0
-        steps = [(step, open_snapshot(path))]
+        steps = [(step, open_snapshot(path, dora_scale_axis=dora_scale_axis))]
     seen = {s for s, _ in steps}
     if len(seen) != len(steps):
         raise InputError("two checkpoints report the same step", path=path, hint="check trainer_state.json global_step")

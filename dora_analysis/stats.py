@@ -1,0 +1,171 @@
+"""Statistics on (dD, dM) points: correlation, regression, and how robust they are.
+
+Plain numpy/scipy on arrays; no drawing, no files. Used by the summary table, the report
+and the plots alike, so every number shown anywhere comes from one place.
+
+Beyond the paper. A pooled Pearson r over (layer, checkpoint) points mixes two things:
+the same matrix moving across checkpoints (*within*: dM and dD both grow with training, so
+this part tends to be positive for every method) and differences between matrices (*between*:
+the per-matrix means). :func:`within_between` reports both, and :func:`bootstrap_r` gives an
+interval for r by resampling whole matrices (points of one matrix are not independent).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from scipy import stats as sps
+
+ArrayLike = np.ndarray | list[float]
+
+
+def _clean(x: ArrayLike, y: ArrayLike, groups: ArrayLike | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Float arrays with the points where x or y is NaN dropped."""
+    xa, ya = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    keep = np.isfinite(xa) & np.isfinite(ya)
+    ga = None if groups is None else np.asarray(groups)[keep]
+    return xa[keep], ya[keep], ga
+
+
+def _degenerate(x: np.ndarray, y: np.ndarray) -> bool:
+    """True when r is undefined: fewer than 3 points or a constant coordinate."""
+    return len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0
+
+
+def pearson(x: ArrayLike, y: ArrayLike) -> tuple[float, float]:
+    """Pearson r and its two-sided p-value; NaNs when undefined (n < 3 or constant)."""
+    xa, ya, _ = _clean(x, y)
+    if _degenerate(xa, ya):
+        return math.nan, math.nan
+    res = sps.pearsonr(xa, ya)
+    return float(res.statistic), float(res.pvalue)
+
+
+def spearman(x: ArrayLike, y: ArrayLike) -> float:
+    """Spearman's rank correlation rho; NaN when undefined."""
+    xa, ya, _ = _clean(x, y)
+    if _degenerate(xa, ya):
+        return math.nan
+    return float(sps.spearmanr(xa, ya).statistic)
+
+
+def ols(x: ArrayLike, y: ArrayLike) -> tuple[float, float]:
+    """Least-squares line y = slope * x + intercept (dM on dD); NaNs when undefined."""
+    xa, ya, _ = _clean(x, y)
+    if len(xa) < 2 or np.ptp(xa) == 0:
+        return math.nan, math.nan
+    res = sps.linregress(xa, ya)
+    return float(res.slope), float(res.intercept)
+
+
+def within_between(x: ArrayLike, y: ArrayLike, groups: ArrayLike) -> tuple[float, float]:
+    """The within-group and between-group parts of a pooled correlation.
+
+    Args:
+        x, y: The points (dD, dM).
+        groups: A label per point; a group is one matrix followed across checkpoints.
+
+    Returns:
+        ``(r_within, r_between)``: Pearson r of the group-centred points, and Pearson r of
+        the group means. NaN where undefined (e.g. one point per group has no within part).
+    """
+    xa, ya, ga = _clean(x, y, groups)
+    if len(xa) == 0:
+        return math.nan, math.nan
+    _, inverse = np.unique(ga, return_inverse=True)
+    counts = np.bincount(inverse)
+    mean_x = np.bincount(inverse, weights=xa) / counts
+    mean_y = np.bincount(inverse, weights=ya) / counts
+    r_within, _ = pearson(xa - mean_x[inverse], ya - mean_y[inverse])
+    r_between, _ = pearson(mean_x, mean_y)
+    return r_within, r_between
+
+
+def bootstrap_r(
+    x: ArrayLike,
+    y: ArrayLike,
+    groups: ArrayLike,
+    *,
+    n_boot: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval for the pooled Pearson r, resampling whole groups.
+
+    A cluster bootstrap: each replicate draws groups (matrices) with replacement and keeps
+    all of their points, because the checkpoints of one matrix are correlated.
+
+    Returns:
+        ``(low, high)``; NaNs with fewer than 3 groups or ``n_boot=0``.
+    """
+    xa, ya, ga = _clean(x, y, groups)
+    labels, inverse = np.unique(ga, return_inverse=True)
+    n_groups = len(labels)
+    if n_boot <= 0 or n_groups < 3 or _degenerate(xa, ya):
+        return math.nan, math.nan
+    members = [np.flatnonzero(inverse == g) for g in range(n_groups)]
+    rng = np.random.default_rng(seed)
+    rs = np.empty(n_boot)
+    for i in range(n_boot):
+        idx = np.concatenate([members[g] for g in rng.integers(0, n_groups, n_groups)])
+        bx, by = xa[idx], ya[idx]
+        # A replicate of identical points has no r; NaN, then ignored by nanpercentile.
+        rs[i] = np.nan if _degenerate(bx, by) else np.corrcoef(bx, by)[0, 1]
+    if np.isnan(rs).all():
+        return math.nan, math.nan
+    tail = (1 - level) / 2 * 100
+    lo, hi = np.nanpercentile(rs, [tail, 100 - tail])
+    return float(lo), float(hi)
+
+
+@dataclass(frozen=True)
+class Correlation:
+    """Everything the summary reports for one set of (dD, dM) points."""
+
+    n: int
+    pearson_r: float
+    pearson_p: float
+    spearman_rho: float
+    slope: float
+    intercept: float
+    r_within: float
+    r_between: float
+    r_ci_low: float
+    r_ci_high: float
+
+    def as_dict(self) -> dict[str, float | int]:
+        return asdict(self)
+
+
+def correlate(x: ArrayLike, y: ArrayLike, groups: ArrayLike, *, n_boot: int = 2000, seed: int = 0) -> Correlation:
+    """All summary statistics of dM (y) against dD (x), grouped by matrix."""
+    xa, ya, ga = _clean(x, y, groups)
+    r, p = pearson(xa, ya)
+    slope, intercept = ols(xa, ya)
+    r_w, r_b = within_between(xa, ya, ga)
+    lo, hi = bootstrap_r(xa, ya, ga, n_boot=n_boot, seed=seed)
+    return Correlation(
+        n=len(xa),
+        pearson_r=r,
+        pearson_p=p,
+        spearman_rho=spearman(xa, ya),
+        slope=slope,
+        intercept=intercept,
+        r_within=r_w,
+        r_between=r_b,
+        r_ci_low=lo,
+        r_ci_high=hi,
+    )
+
+
+def strength(r: float) -> str:
+    """A plain-language reading of r: 'strong negative', 'weak positive', 'none'..."""
+    if not math.isfinite(r):
+        return "undefined"
+    a = abs(r)
+    if a < 0.1:
+        return "none"
+    word = "weak" if a < 0.3 else "moderate" if a < 0.6 else "strong"
+    return f"{word} {'positive' if r > 0 else 'negative'}"
