@@ -5,21 +5,38 @@ Quick start::
     import dora_analysis as da
     df = da.analyze("base/", ["runs/ft", "runs/lora", "runs/dora"])
     da.summarize(df)
+
+The public names below are imported on first use, so that ``dora-analyze --help`` and other
+light entry points start without loading torch and pandas.
 """
 
 from __future__ import annotations
 
-from .analyze import analyze, summarize
-from .decompose import compare, delta_direction, delta_magnitude, magnitude
-from .errors import InputError
+import importlib
+from typing import TYPE_CHECKING, Any
 
-__all__ = [
-    "analyze",
-    "summarize",
-    "compare",
-    "magnitude",
-    "delta_magnitude",
-    "delta_direction",
-    "InputError",
-]
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "analyze": "analyze",
+    "summarize": "analyze",
+    "compare": "decompose",
+    "magnitude": "decompose",
+    "delta_magnitude": "decompose",
+    "delta_direction": "decompose",
+    "InputError": "errors",
+}
+__all__ = list(_EXPORTS)
+
+if TYPE_CHECKING:
+    from .analyze import analyze, summarize
+    from .decompose import compare, delta_direction, delta_magnitude, magnitude
+    from .errors import InputError
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value  # cache: later lookups skip this function
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -4,7 +4,7 @@ A :class:`TensorStore` is a read-only mapping from tensor name to tensor that re
 until asked: ``keys()`` and ``shape()`` come from headers and indexes, ``get()`` reads one
 tensor. Supported:
 
-* a ``.safetensors`` file (memory-mapped by ``safe_open``);
+* a ``.safetensors`` file (header checked on open, tensors read one by one);
 * sharded safetensors with ``*.safetensors.index.json`` (``{"weight_map": {name: shard}}``);
 * ``pytorch_model.bin`` / ``.pt`` / ``.pth`` / ``.ckpt``, and sharded ``.bin`` with
   ``pytorch_model.bin.index.json``, loaded with ``weights_only=True`` (never running pickled
@@ -17,8 +17,11 @@ Anything unreadable raises :class:`~dora_analysis.errors.InputError` naming the 
 from __future__ import annotations
 
 import json
+import math
+import os
 import pickle
 import re
+import struct
 import zipfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -27,11 +30,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-
 from .errors import InputError
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
+# The safetensors spec caps the header at 100 MB; anything larger is garbage, not a header.
+_MAX_HEADER_BYTES = 100_000_000
+_SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 # Looked for in this order inside a checkpoint folder; the first that exists wins.
@@ -102,32 +111,93 @@ class TensorStore(ABC):
 
 
 class SafetensorsStore(TensorStore):
-    """One ``.safetensors`` file, memory-mapped; header parsed once on open."""
+    """One ``.safetensors`` file, read tensor by tensor with ``pread``.
+
+    The format is an 8-byte little-endian header length, a JSON header
+    (``{name: {"dtype", "shape", "data_offsets": [begin, end]}}``) and the raw bytes. The
+    header is parsed and checked against the file size on open, so a truncated file fails
+    there, naming itself. Tensors are then read with ``os.preadv`` into fresh buffers rather
+    than through a memory map: a map keeps every page it touched resident (and counted in
+    RSS) for as long as it is open, which for a whole-model walk is the whole model.
+    """
 
     def __init__(self, path: Path) -> None:
         super().__init__(path)
+        self._entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+        self._fd: int | None = None
         try:
-            self._handle = safe_open(str(path), framework="pt")
-            self._keys = list(self._handle.keys())
-            self._shapes = {k: tuple(self._handle.get_slice(k).get_shape()) for k in self._keys}
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise InputError(
-                f"not a readable safetensors file ({_short(exc)})",
-                path=path,
-                hint="the file may be truncated or corrupt; re-download or re-save it",
-            ) from exc
+            self._fd = os.open(path, os.O_RDONLY)
+        except OSError as exc:
+            raise InputError(f"cannot open ({exc.strerror})", path=path) from exc
+        try:
+            self._parse_header()
+        except Exception:
+            os.close(self._fd)
+            self._fd = None
+            raise
+
+    def _parse_header(self) -> None:
+        size = os.fstat(self._fd).st_size
+        head = os.pread(self._fd, 8, 0)
+        if len(head) < 8:
+            raise self._corrupt("file is shorter than a safetensors header")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8 or n > _MAX_HEADER_BYTES:
+            raise self._corrupt(f"header length {n} does not fit in a {size}-byte file")
+        try:
+            header = json.loads(os.pread(self._fd, n, 8))
+            if not isinstance(header, dict):
+                raise ValueError("header is not a JSON object")
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise self._corrupt(f"header is not valid JSON ({_short(exc)})") from exc
+        self._data_start = 8 + n
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            try:
+                dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+                shape = tuple(int(d) for d in info["shape"])
+                begin, end = (int(o) for o in info["data_offsets"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise self._corrupt(f"bad header entry ({_short(exc)})", tensor=name) from exc
+            nbytes = math.prod(shape) * dtype.itemsize
+            if end - begin != nbytes or begin < 0:
+                raise self._corrupt(f"data offsets hold {end - begin} bytes, shape needs {nbytes}", tensor=name)
+            if self._data_start + end > size:
+                raise self._corrupt("tensor data runs past the end of the file (truncated?)", tensor=name)
+            self._entries[name] = (dtype, shape, begin, end)
+
+    def _corrupt(self, why: str, tensor: str | None = None) -> InputError:
+        return InputError(
+            f"not a readable safetensors file: {why}",
+            path=self.path,
+            tensor=tensor,
+            hint="the file may be truncated or corrupt; re-download or re-save it",
+        )
 
     def keys(self) -> list[str]:
-        return list(self._keys)
+        return list(self._entries)
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return self._shapes[key]
+        return self._entries[key][1]
 
     def _read(self, key: str) -> torch.Tensor:
-        try:
-            return self._handle.get_tensor(key)
-        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-            raise InputError(f"cannot read tensor ({_short(exc)})", path=self.path, tensor=key) from exc
+        dtype, shape, begin, end = self._entries[key]
+        buf = torch.empty(end - begin, dtype=torch.uint8)
+        view = memoryview(buf.numpy())
+        done = 0
+        while done < len(view):  # pread may return short reads on large requests
+            n = os.preadv(self._fd, [view[done:]], self._data_start + begin + done)
+            if n <= 0:
+                raise InputError("file ended while reading tensor (truncated?)", path=self.path, tensor=key)
+            done += n
+        return buf.view(dtype).reshape(shape)
+
+    def __del__(self) -> None:
+        fd = getattr(self, "_fd", None)
+        if fd is not None:
+            self._fd = None
+            os.close(fd)
 
 
 class TorchStore(TensorStore):

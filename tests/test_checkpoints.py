@@ -89,7 +89,10 @@ def test_truncated_safetensors_names_the_file(tmp_path: Path) -> None:
     path = WRITERS["safetensors file"](tmp_path)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) - 20])
-    with pytest.raises(InputError, match=r"w\.safetensors: not a readable safetensors file"):
+    with pytest.raises(InputError, match=r"w\.safetensors \[layers\.1\.attn\.q\.weight\]: not a readable safetensors file: tensor data runs past the end"):
+        open_checkpoint(path)
+    path.write_bytes(data[:5])
+    with pytest.raises(InputError, match=r"w\.safetensors: not a readable safetensors file: file is shorter"):
         open_checkpoint(path)
 
 

@@ -1,0 +1,187 @@
+"""Benchmark: is `analyze` bound by reading the checkpoints, and is its memory a few matrices?
+
+Makes a synthetic LLaMA-shaped base / tuned pair in bf16 (sharded safetensors, as Hugging
+Face saves them), then measures, each in a fresh subprocess so that peak RSS is its own:
+
+  read     open both checkpoints and read every tensor, upcast to float32 (touching every
+           byte: safetensors may map a tensor lazily) -- the floor for any comparison;
+  analyze  `dora_analysis.analyze(base, tuned, all_modules=True)` on the same pair, so it
+           reads exactly the same tensors.
+
+Runs alternate (read, analyze, read, analyze, ...) after a warm-up that puts both pairs in the
+page cache, and the median of each is reported. Then the same for a model twice as deep, to
+show that peak memory does not grow with the model.
+
+Targets (issue "Core"): analyze / read <= 1.3; peak RSS <= 3 x the largest float32 matrix
++ 500 MB, about the same for the twice-as-large model.
+
+Usage:
+    python benchmarks/bench_analyze.py                 # 8 and 16 layers (~1.1 and ~1.9 GB)
+    python benchmarks/bench_analyze.py --layers 2 --repeats 1 --no-double   # quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# LLaMA-style shapes at ~1B-parameter scale (TinyLlama-1.1B: hidden 2048, MLP 5632, vocab 32000).
+HIDDEN, MLP, VOCAB = 2048, 5632, 32000
+SHARD_BYTES = 500 * 2**20
+
+
+def llama_shapes(layers: int) -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (VOCAB, HIDDEN)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            shapes[p + f"self_attn.{proj}.weight"] = (HIDDEN, HIDDEN)
+        shapes[p + "mlp.gate_proj.weight"] = (MLP, HIDDEN)
+        shapes[p + "mlp.up_proj.weight"] = (MLP, HIDDEN)
+        shapes[p + "mlp.down_proj.weight"] = (HIDDEN, MLP)
+        shapes[p + "input_layernorm.weight"] = (HIDDEN,)
+        shapes[p + "post_attention_layernorm.weight"] = (HIDDEN,)
+    shapes["model.norm.weight"] = (HIDDEN,)
+    shapes["lm_head.weight"] = (VOCAB, HIDDEN)
+    return shapes
+
+
+def write_pair(root: Path, layers: int) -> tuple[Path, Path]:
+    """Write base/ and tuned/ (tuned = base moved a little, as a fine-tune would), sharded."""
+    import torch
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(0)
+    base_dir, tuned_dir = root / "base", root / "tuned"
+    base_dir.mkdir(parents=True)
+    tuned_dir.mkdir()
+    shard: dict[str, dict[str, torch.Tensor]] = {"base": {}, "tuned": {}}
+    weight_map: dict[str, str] = {}
+    size, n = 0, 0
+
+    def flush() -> None:
+        nonlocal size, n
+        if not shard["base"]:
+            return
+        n += 1
+        for side, folder in (("base", base_dir), ("tuned", tuned_dir)):
+            save_file(shard[side], folder / f"model-{n:05d}.safetensors")
+            shard[side] = {}
+        size = 0
+
+    for name, shape in llama_shapes(layers).items():
+        w = torch.randn(shape, generator=gen) * 0.02
+        shard["base"][name] = w.to(torch.bfloat16)
+        shard["tuned"][name] = (w * (1 + 0.01 * torch.randn(shape[0], *[1] * (len(shape) - 1), generator=gen)) + 0.002 * torch.randn(shape, generator=gen)).to(torch.bfloat16)
+        weight_map[name] = f"model-{n + 1:05d}.safetensors"
+        size += w.numel() * 2
+        if size >= SHARD_BYTES:
+            flush()
+    flush()
+    for folder in (base_dir, tuned_dir):
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return base_dir, tuned_dir
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident set (VmHWM). Not ru_maxrss: Linux carries that over exec
+    from the parent, so a child would report the parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
+
+
+def child(mode: str, base: str, tuned: str) -> None:
+    """Run one measurement in this (fresh) process; print JSON with seconds and peak RSS."""
+    # Imports happen before the clock starts: the benchmark times work, not interpreter start-up.
+    from safetensors import safe_open
+
+    import dora_analysis as da
+
+    t0 = time.perf_counter()
+    if mode == "read":
+        total = 0
+        for folder in (base, tuned):
+            for f in sorted(Path(folder).glob("*.safetensors")):
+                with safe_open(str(f), framework="pt") as h:
+                    for k in h.keys():
+                        total += h.get_tensor(k).float().numel()
+    else:
+        df = da.analyze(base, tuned, all_modules=True, progress=False)
+        total = len(df)
+    seconds = time.perf_counter() - t0
+    peak_mb = _peak_rss_mb()
+    print(json.dumps({"mode": mode, "seconds": seconds, "peak_rss_mb": peak_mb, "items": total}))
+
+
+def measure(mode: str, base: Path, tuned: Path) -> dict[str, float]:
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", mode, str(base), str(tuned)],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def bench_pair(root: Path, layers: int, repeats: int) -> dict[str, float]:
+    t0 = time.perf_counter()
+    base, tuned = write_pair(root / f"L{layers}", layers)
+    gb = sum(p.stat().st_size for p in base.glob("*.safetensors")) / 1e9
+    print(f"\n{layers} layers: wrote base + tuned, {gb:.2f} GB each in bf16 ({time.perf_counter() - t0:.0f} s)", flush=True)
+    measure("read", base, tuned)  # warm-up: both pairs into the page cache
+    runs: dict[str, list[dict[str, float]]] = {"read": [], "analyze": []}
+    for i in range(repeats):
+        for mode in ("read", "analyze"):
+            r = measure(mode, base, tuned)
+            runs[mode].append(r)
+            print(f"  run {i + 1} {mode:8s} {r['seconds']:7.2f} s   peak RSS {r['peak_rss_mb']:7.0f} MB", flush=True)
+    largest = max(a * (b if len(s) > 1 else 1) for s in llama_shapes(layers).values() for a, b in [(s[0], s[-1])]) * 4 / 2**20
+    read_s = statistics.median(r["seconds"] for r in runs["read"])
+    analyze_s = statistics.median(r["seconds"] for r in runs["analyze"])
+    return {
+        "layers": layers,
+        "gb": gb,
+        "read_s": read_s,
+        "analyze_s": analyze_s,
+        "ratio": analyze_s / read_s,
+        "read_rss": max(r["peak_rss_mb"] for r in runs["read"]),
+        "analyze_rss": max(r["peak_rss_mb"] for r in runs["analyze"]),
+        "largest_f32_mb": largest,
+        "rss_target": 3 * largest + 500,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, default=8, help="decoder layers of the first model (default 8: ~1.1 GB bf16)")
+    p.add_argument("--repeats", type=int, default=3, help="alternating runs of each mode (median reported)")
+    p.add_argument("--no-double", action="store_true", help="skip the twice-as-deep model")
+    p.add_argument("--workdir", type=Path, help="where to write the synthetic checkpoints (default: a temp dir, removed)")
+    p.add_argument("--child", nargs=3, metavar=("MODE", "BASE", "TUNED"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        child(*args.child)
+        return
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        results = [bench_pair(Path(tmp), args.layers, args.repeats)]
+        if not args.no_double:
+            results.append(bench_pair(Path(tmp), 2 * args.layers, args.repeats))
+    print("\nlayers  size/ckpt  read (s)  analyze (s)  analyze/read  peak RSS read  peak RSS analyze  target RSS (3 x largest f32 + 500 MB)")
+    for r in results:
+        print(
+            f"{r['layers']:6d}  {r['gb']:6.2f} GB  {r['read_s']:8.2f}  {r['analyze_s']:11.2f}  {r['ratio']:12.2f}"
+            f"  {r['read_rss']:10.0f} MB  {r['analyze_rss']:13.0f} MB  {r['rss_target']:8.0f} MB"
+        )
+    ok_ratio = all(r["ratio"] <= 1.3 for r in results)
+    ok_rss = all(r["analyze_rss"] <= r["rss_target"] for r in results)
+    print(f"\nratio target <= 1.3: {'met' if ok_ratio else 'MISSED'};  peak RSS target: {'met' if ok_rss else 'MISSED'}")
+
+
+if __name__ == "__main__":
+    main()
