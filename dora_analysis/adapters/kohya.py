@@ -1,0 +1,196 @@
+"""kohya-ss / LyCORIS LoRA files (Stable Diffusion and other diffusion LoRAs): one ``.safetensors``.
+
+Keys are ``<stem>.<param>``, the stem being the module's dotted path with ``.`` replaced by
+``_`` behind a prefix that says which model it belongs to (``lora_unet_``, ``lora_te_``,
+``lora_te1_`` / ``lora_te2_`` for SDXL's two text encoders, ``lycoris_`` ...):
+
+* ``<stem>.lora_down.weight`` ``[r, in, *kernel]`` and ``<stem>.lora_up.weight``
+  ``[out, r, *ones]``;
+* ``<stem>.alpha``, a scalar: s = alpha / r (``self.scale = alpha / self.lora_dim``, where a
+  missing or zero alpha means alpha = r);
+* ``<stem>.dora_scale`` for DoRA (LyCORIS): ``[out, 1, ...]`` since LyCORIS 3.2.0
+  (``wd_on_out=True``), ``[1, in, ...]`` before. Its orientation tells the axis; a flattened
+  ``[n]`` scale of a square weight cannot, and then the axis must be given.
+
+LyCORIS merges DoRA as ``weight * (dora_scale / (||weight|| + eps))`` with the norm over every
+axis but the scale's and ``eps = torch.finfo(weight.dtype).eps`` (``apply_weight_decompose``).
+Other LyCORIS algorithms (LoHa ``hada_*``, LoKr ``lokr_*``, Tucker ``lora_mid``, full ``diff``,
+OFT ...) are refused with a message naming them.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import torch
+
+from .. import names as nm
+from ..checkpoints import TensorStore
+from ..errors import InputError
+from .merge import FeatureAxis
+from .snapshot import AdapterSnapshot, Target, pair_shapes
+
+PARAMS = ("lora_down.weight", "lora_up.weight", "alpha", "dora_scale")
+
+# Which model a stem belongs to; stripped before matching (longest alternatives first).
+_PREFIX = re.compile(r"^(?:lora_prior_unet|lora_unet|lora_transformer|lora_te\d?|lycoris|lora)_")
+
+# `<stem>.<param>` of any kohya / LyCORIS tensor: enough to recognise such a file.
+_KEY = re.compile(
+    r"^(?P<stem>(?:lora|lycoris)_[^.]+)\."
+    r"(?P<param>lora_(?:down|up|mid)\.weight|alpha|dora_scale|hada_\w+|lokr_\w+|diff(?:_b)?|oft_\w+|[wb]_norm)$"
+)
+
+_UNSUPPORTED = {
+    "lora_mid.weight": "LoCon with Tucker decomposition (lora_mid)",
+    "hada_": "LoHa (hada_*)",
+    "lokr_": "LoKr (lokr_*)",
+    "diff": "full weight differences (diff)",
+    "oft_": "OFT / BOFT (oft_*)",
+    "w_norm": "norm-layer tuning (w_norm / b_norm)",
+    "b_norm": "norm-layer tuning (w_norm / b_norm)",
+}
+
+
+def is_kohya(keys: list[str]) -> bool:
+    """True if the keys look like a kohya / LyCORIS network (``lora_unet_..._proj.lora_down.weight``)."""
+    return any(_KEY.match(k) for k in keys)
+
+
+def underscored(name: str) -> str:
+    """A base tensor's module path as kohya writes it: ``a.b.0.c.weight`` -> ``a_b_0_c``."""
+    return nm.module_name(nm.strip_wrappers(name)).replace(".", "_")
+
+
+def dora_axis_of(shape: tuple[int, ...], out: int, inp: int, option: FeatureAxis | None) -> FeatureAxis:
+    """Which features a ``dora_scale`` runs along, from its shape, else from ``option``.
+
+    Args:
+        shape: The stored ``dora_scale`` shape.
+        out: Output features of the layer.
+        inp: Input features of the layer.
+        option: The user's ``dora_axis``, needed only when the shape fits both.
+
+    Raises:
+        InputError: The shape fits neither axis, fits both and no option was given, or
+            contradicts the option. The caller adds the file and tensor to the message.
+    """
+    candidates: list[FeatureAxis] = []
+    if len(shape) >= 2:
+        if shape[0] == out and math.prod(shape[1:]) == 1:
+            candidates.append("out")
+        if shape[0] == 1 and shape[1] == inp and math.prod(shape[2:]) == 1:
+            candidates.append("in")
+    else:
+        n = math.prod(shape)
+        candidates += [axis for axis, size in (("out", out), ("in", inp)) if n == size]
+    if not candidates:
+        raise InputError(f"dora_scale has shape {list(shape)}, which fits neither [{out}, 1] nor [1, {inp}]")
+    if len(candidates) == 1:
+        if option is not None and option != candidates[0]:
+            raise InputError(
+                f"dora_scale of shape {list(shape)} runs along the {candidates[0]!r} features, "
+                f"but dora_axis={option!r} was given"
+            )
+        return candidates[0]
+    if option is None:
+        raise InputError(
+            f"dora_scale of shape {list(shape)} fits both the output and the input axis of this square "
+            "matrix, so the file alone cannot tell how to apply it",
+            hint="pass dora_axis='out' (LyCORIS >= 3.2.0, wd_on_output) or 'in' (older LyCORIS); "
+            "CLI: --dora-scale-axis out|in",
+        )
+    return option
+
+
+class KohyaLora(AdapterSnapshot):
+    """A kohya / LyCORIS LoRA or DoRA file, matched to the base by underscored module names.
+
+    A stem matches the base weight whose module path, with ``.`` replaced by ``_``, equals
+    the stem without its prefix (``lora_unet_``, ``lora_te_`` ...), or the whole stem; failing
+    that, the one base path that extends it by leading components (a base saved inside a
+    bundle, ``unet.down_blocks...``).
+
+    Args:
+        path: The ``.safetensors`` file (or the folder holding it) the user named.
+        store: Its tensors.
+        dora_axis: Axis of a ``dora_scale`` whose shape cannot tell (square weights).
+    """
+
+    _separator = "_"
+    # LyCORIS `apply_weight_decompose`: `weight_norm = ... .norm(dim=1) ... + torch.finfo(weight.dtype).eps`.
+    norm_eps = float(torch.finfo(torch.float32).eps)
+
+    def __init__(self, path: Path, store: TensorStore, *, dora_axis: FeatureAxis | None = None) -> None:
+        self.store = store
+        groups = self._group()
+        targets = {stem: self._target(stem, params, dora_axis) for stem, params in groups.items()}
+        method = "dora" if any(t.magnitude for t in targets.values()) else "lora"
+        super().__init__(path, store, method=method, targets=targets, replacements={})
+
+    def _group(self) -> dict[str, dict[str, str]]:
+        """``{stem: {param: key}}``, refusing LyCORIS algorithms other than LoRA / LoCon."""
+        groups: dict[str, dict[str, str]] = {}
+        for key in self.store.keys():
+            m = _KEY.match(key)
+            if m is None:
+                raise InputError(
+                    "not a kohya / LyCORIS LoRA tensor",
+                    path=self.store.path,
+                    tensor=key,
+                    hint=f"expected <prefix>_<module>.{{{', '.join(PARAMS)}}}",
+                )
+            param = m.group("param")
+            if param not in PARAMS:
+                algorithm = next(v for k, v in _UNSUPPORTED.items() if param.startswith(k))
+                raise InputError(
+                    f"LyCORIS {algorithm} is not supported",
+                    path=self.store.path,
+                    tensor=key,
+                    hint="supported: LoRA / LoCon (lora_down, lora_up, alpha) and their DoRA (dora_scale)",
+                )
+            groups.setdefault(m.group("stem"), {})[param] = key
+        return groups
+
+    def _target(self, stem: str, params: dict[str, str], dora_axis: FeatureAxis | None) -> Target:
+        down, up = params.get("lora_down.weight"), params.get("lora_up.weight")
+        if down is None or up is None:
+            missing = "lora_down.weight" if down is None else "lora_up.weight"
+            raise InputError(f"{stem} has no {missing}", path=self.store.path, tensor=next(iter(params.values())))
+        rank, out, inp, kernel = pair_shapes(self.store, down, up)
+        magnitude = params.get("dora_scale")
+        axis: FeatureAxis = "out"
+        if magnitude is not None:
+            try:
+                axis = dora_axis_of(tuple(self.store.shape(magnitude)), out, inp, dora_axis)
+            except InputError as exc:
+                raise InputError(exc.message, path=self.store.path, tensor=magnitude, hint=exc.hint) from None
+        return Target(
+            out_features=out,
+            in_features=inp,
+            down=down,
+            up=up,
+            scale=self._alpha(params, rank) / rank,
+            magnitude=magnitude,
+            magnitude_axis=axis,
+            kernel=kernel,
+            transposed=False,  # diffusion models use nn.Linear / nn.Conv2d: [out, in, *kernel]
+        )
+
+    def _alpha(self, params: dict[str, str], rank: int) -> float:
+        """``alpha``, where missing or 0 means r (kohya: ``alpha = self.lora_dim if alpha is None or alpha == 0``)."""
+        if "alpha" not in params:
+            return float(rank)
+        alpha = float(self.store.get(params["alpha"]).float().reshape(-1)[0])
+        return alpha if alpha != 0 else float(rank)
+
+    def _form(self, base_name: str) -> str | None:
+        """``a.b.0.c.weight`` -> ``a_b_0_c``: module paths of weights as kohya writes them."""
+        return underscored(base_name) if base_name.endswith(".weight") else None
+
+    def _variants(self, name: str) -> list[str]:
+        """``lora_unet_a_b.weight`` -> ``a_b`` (prefix stripped), then ``lora_unet_a_b``."""
+        stem = name.rsplit(".", 1)[0]
+        return [_PREFIX.sub("", stem), stem]
