@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "analyze": "analyze",
-    "summarize": "analyze",
+    "analyze": "analysis",
+    "summarize": "analysis",
     "compare": "decompose",
     "magnitude": "decompose",
     "delta_magnitude": "decompose",
@@ -29,7 +29,7 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 if TYPE_CHECKING:
-    from .analyze import analyze, summarize
+    from .analysis import analyze, summarize
     from .decompose import compare, delta_direction, delta_magnitude, magnitude
     from .errors import InputError
 

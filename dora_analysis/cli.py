@@ -106,7 +106,7 @@ def _parse_steps(text: str | None) -> list[int] | None:
 
 def _resolve_paths(paths: list[str]) -> tuple[Path, list[Path]]:
     """BASE and TUNED paths; a lone adapter path names its base in its config."""
-    from .analyze import base_path_for
+    from .analysis import base_path_for
     from .errors import InputError
 
     if len(paths) >= 2:
@@ -128,7 +128,7 @@ def _run(args: argparse.Namespace) -> int:
     import torch
 
     from . import names as nm
-    from .analyze import analyze, summarize
+    from .analysis import analyze, summarize
     from .checkpoints import open_checkpoint
     from .errors import InputError
 
@@ -210,7 +210,7 @@ def _fmt(v: float) -> str:
 def format_layers(layers: pd.DataFrame, *, max_rows: int = 60) -> str:
     """Per-layer dD / dM at each run's last step, one column per matrix kind."""
     last = layers[layers["step"] == layers.groupby("run")["step"].transform("max")]
-    cell = last.assign(v=[f"{d:.4f} / {m:.4f}" for d, m in zip(last["delta_d"], last["delta_m"])])
+    cell = last.assign(v=[f"{d:.3g} / {m:.3g}" for d, m in zip(last["delta_d"], last["delta_m"])])
     table = cell.pivot_table(index=["run", "step", "layer"], columns="kind", values="v", aggfunc="first", dropna=False)
     table = table.dropna(how="all")
     text = table.to_string(na_rep="")
@@ -220,8 +220,20 @@ def format_layers(layers: pd.DataFrame, *, max_rows: int = 60) -> str:
     return "dD / dM per layer at each run's last step\n" + "\n".join(lines)
 
 
-def write_outputs(out: Path, layers: pd.DataFrame, summary: pd.DataFrame, *, fmt: str = "png", plots: bool = True) -> list[Path]:
+def write_outputs(
+    out: Path,
+    layers: pd.DataFrame,
+    summary: pd.DataFrame,
+    *,
+    fmt: str = "png",
+    plots: bool = True,
+    paper: dict[str, float] | None = None,
+    title: str | None = None,
+) -> list[Path]:
     """Write every output into ``out``, all or nothing.
+
+    Files: ``layers.csv``, ``summary.csv``, ``summary.json``, and the report
+    (:func:`dora_analysis.report.write_report`: ``report.md``, ``report.html``, ``figures/``).
 
     Everything is first written to a staging folder beside ``out``; only when all of it is
     there is each entry renamed into place, so a failure never leaves half-written files.
@@ -235,7 +247,7 @@ def write_outputs(out: Path, layers: pd.DataFrame, summary: pd.DataFrame, *, fmt
         summary.to_csv(staging / "summary.csv", index=False)
         records = json.loads(summary.to_json(orient="records"))
         (staging / "summary.json").write_text(json.dumps({"runs": records}, indent=2) + "\n")
-        write_report(staging, layers, summary, fmt=fmt, plots=plots)
+        write_report(staging, layers, summary, fmt=fmt, plots=plots, paper=paper, title=title)
         out.mkdir(parents=True, exist_ok=True)
         written = []
         for entry in sorted(staging.iterdir()):

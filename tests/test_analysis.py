@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 import dora_analysis as da
-from dora_analysis.analyze import LAYER_COLUMNS, SUMMARY_COLUMNS
+from dora_analysis.analysis import LAYER_COLUMNS, SUMMARY_COLUMNS
 from dora_analysis.checkpoints import open_checkpoint
 from dora_analysis.cli import main
 
