@@ -176,7 +176,7 @@ def analyze(
     with tqdm(total=total, desc="comparing", unit="matrix", disable=disable, leave=False) as bar:
         for name, jobs in plan:
             w0 = store.get(name).to(device)  # the one read of this base matrix
-            fan_in_fan_out = nm.is_fan_in_fan_out(name, model_type)
+            fan_in_fan_out = _stored_transposed(name, model_type, jobs)
             for job in jobs:
                 w = job.snapshot.weight(name, w0).to(device)
                 records.append(_record(job, name, store.path, w0, w, fan_in_fan_out=fan_in_fan_out, axis=axis))
@@ -194,6 +194,17 @@ def analyze(
     df = df.assign(_r=df["run"].map(run_order), _m=df["module"].map(module_order))
     df = df.sort_values(["_r", "step", "_m"], kind="stable")
     return df[LAYER_COLUMNS].reset_index(drop=True)
+
+
+def _stored_transposed(name: str, model_type: str | None, jobs: list[_Job]) -> bool:
+    """Is base tensor ``name`` stored [in, out]? The base's config says; else the adapters do."""
+    if model_type is None:
+        # No config.json beside the base: an adapter that targets this matrix settled its
+        # layout against the base (PEFT's fan_in_fan_out), which is better than a guess.
+        hints = {j.snapshot.stored_transposed(name) for j in jobs} - {None}
+        if len(hints) == 1:
+            return bool(hints.pop())
+    return nm.is_fan_in_fan_out(name, model_type)
 
 
 def _record(

@@ -45,6 +45,14 @@ class Snapshot(ABC):
     def bind(self, base: TensorStore) -> set[str]:
         """Prepare to serve ``base``; return the base tensor names this snapshot provides."""
 
+    def stored_transposed(self, name: str) -> bool | None:
+        """Whether base tensor ``name`` is stored ``[in, out]``, if this snapshot knows.
+
+        The analyzer asks only when the base has no ``config.json`` to tell it (an adapter's
+        ``fan_in_fan_out`` knows a GPT-2 ``Conv1D``; a full checkpoint knows nothing).
+        """
+        return None
+
     @abstractmethod
     def weight(self, name: str, base_weight: torch.Tensor) -> torch.Tensor:
         """The effective tuned tensor for base tensor ``name``, shaped and laid out like it.

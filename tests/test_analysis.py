@@ -185,3 +185,27 @@ def test_nothing_matching_modules_is_an_error(tiny_bert: tuple[Path, dict]) -> N
     base_dir, _ = tiny_bert
     with pytest.raises(da.InputError, match="no tensor matches --modules 'nothing_here'"):
         da.analyze(base_dir, base_dir, modules="nothing_here")
+
+
+def test_adapter_tells_the_layout_when_the_base_has_no_config(tmp_path: Path) -> None:
+    """A GPT-2 Conv1D base ([in, out]) without config.json: the adapter's fan_in_fan_out decides."""
+    import json
+
+    base = tmp_path / "base.safetensors"
+    w0 = torch.randn(8, 24)  # Conv1D: [in=8, out=24]
+    save_file({"h.0.attn.c_attn.weight": w0}, base)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": 2, "lora_alpha": 2, "target_modules": ["c_attn"], "fan_in_fan_out": True,
+    }))  # fmt: skip
+    a, b = torch.randn(2, 8), torch.randn(24, 2)
+    save_file({
+        "base_model.model.h.0.attn.c_attn.lora_A.weight": a,
+        "base_model.model.h.0.attn.c_attn.lora_B.weight": b,
+    }, adapter / "adapter_model.safetensors")  # fmt: skip
+    df = da.analyze(base, adapter, modules="c_attn")
+    assert df.loc[0, "rows"] == 24 and df.loc[0, "cols"] == 8
+    dm, dd = _oracle({"w": w0.T}, {"w": (w0 + (b @ a).T).T}, "w")
+    assert df.loc[0, "delta_d"] == pytest.approx(dd, rel=1e-6)
+    assert df.loc[0, "delta_m"] == pytest.approx(dm, rel=1e-6)

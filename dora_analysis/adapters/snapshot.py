@@ -225,6 +225,13 @@ class AdapterSnapshot(Snapshot):
             return update.apply_bias(w)
         return w.to(torch.float32)
 
+    def stored_transposed(self, name: str) -> bool | None:
+        """The layout :meth:`bind` settled for base tensor ``name`` (None if not a target)."""
+        tuned = self._bound.get(name)
+        module, _, param = (tuned or "").rpartition(".")
+        layout = self._layouts.get(module)
+        return layout.transposed if layout is not None and param == "weight" else None
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.path)!r}, method={self.method!r}, {len(self.targets)} targets)"
 
