@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm  # not tqdm.auto: it warns in notebooks without ipywidgets
 
 from . import names as nm
 from .checkpoints import TensorStore, open_checkpoint

@@ -125,6 +125,9 @@ def _resolve_paths(paths: list[str]) -> tuple[Path, list[Path]]:
 
 
 def _run(args: argparse.Namespace) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")  # a command-line run never opens a window
     import torch
 
     from . import names as nm

@@ -60,6 +60,29 @@ def ols(x: ArrayLike, y: ArrayLike) -> tuple[float, float]:
     return float(res.slope), float(res.intercept)
 
 
+def ols_band(x: ArrayLike, y: ArrayLike, grid: ArrayLike, *, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+    """Confidence band of the OLS fitted mean at ``grid`` (t interval, n - 2 dof).
+
+    Analytic rather than seaborn's bootstrap: deterministic, and what the slope's usual
+    standard error implies: se(x0) = s * sqrt(1/n + (x0 - mean x)^2 / Sxx).
+
+    Returns:
+        ``(low, high)`` arrays shaped like ``grid``; NaN with fewer than 3 points.
+    """
+    xa, ya, _ = _clean(x, y)
+    g = np.asarray(grid, dtype=np.float64)
+    n = len(xa)
+    slope, intercept = ols(xa, ya)
+    if n < 3 or not math.isfinite(slope):
+        return np.full_like(g, np.nan), np.full_like(g, np.nan)
+    resid = ya - (slope * xa + intercept)
+    s = math.sqrt(float(resid @ resid) / (n - 2))
+    sxx = float(((xa - xa.mean()) ** 2).sum())
+    half = sps.t.ppf(0.5 + level / 2, n - 2) * s * np.sqrt(1 / n + (g - xa.mean()) ** 2 / sxx)
+    centre = slope * g + intercept
+    return centre - half, centre + half
+
+
 def within_between(x: ArrayLike, y: ArrayLike, groups: ArrayLike) -> tuple[float, float]:
     """The within-group and between-group parts of a pooled correlation.
 

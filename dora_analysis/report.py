@@ -1,0 +1,538 @@
+"""A report a person can read or send on: ``report.md``, a self-contained ``report.html``, figures.
+
+:func:`write_report` turns the analyzer's two tables (per-matrix rows and the summary) into
+``figures/*.{png,svg,pdf}``, a Markdown report that renders on GitHub (figures linked
+relatively) and an HTML page with every figure embedded, which opens anywhere offline.
+
+Both documents come from one list of blocks (headings, paragraphs, lists, tables, figures)
+rendered twice, so they always say the same thing. The numbers are the summary's; the words
+(``"strong negative"``) come from :func:`dora_analysis.stats.strength`.
+
+Example:
+    >>> import dora_analysis as da
+    >>> from dora_analysis.report import write_report
+    >>> layers = da.analyze("base/", ["runs/ft", "runs/lora", "runs/dora"])
+    >>> write_report(Path("out"), layers, da.summarize(layers), paper={"ft": -0.62, "lora": 0.83, "dora": -0.31})
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+import matplotlib.pyplot as plt
+import pandas as pd
+import seaborn as sns
+from matplotlib.figure import Figure
+
+from . import __version__
+from . import plots as plotting
+from .stats import strength
+
+FORMATS = ("png", "svg", "pdf")
+DPI = 150
+
+# The paper's figure 2 shows the query matrices; these kinds are "the query" in common models.
+PAPER_KINDS = ("query", "q_proj", "q", "to_q", "q_lin")
+# The paper's figure 2 correlations (Liu et al., ICML 2024), for ``paper=PAPER_R``.
+PAPER_R: dict[str, float] = {"ft": -0.62, "lora": 0.83, "dora": -0.31}
+
+# Files the CLI writes beside the report; linked when present, never assumed.
+DATA_FILES = {
+    "layers.csv": "one row per run, step and matrix",
+    "summary.csv": "the summary table",
+    "summary.json": "the summary table, as JSON",
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Words for numbers
+# --------------------------------------------------------------------------------------------
+
+
+def _num(v: object, spec: str) -> str:
+    """``format(v, spec)``, or ``n/a`` for missing and non-finite values."""
+    try:
+        f = float(v)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return "n/a"
+    return format(f, spec) if math.isfinite(f) else "n/a"
+
+
+def _r(v: object) -> str:
+    return _num(v, "+.2f")
+
+
+def _p(v: object) -> str:
+    return _num(v, ".2g")
+
+
+def describe_correlation(
+    r: float, *, ci_low: float = math.nan, ci_high: float = math.nan, n: int | None = None
+) -> str:
+    """Pearson r in plain language: strength and sign, its interval, and whether that excludes 0.
+
+    Args:
+        r: Pearson correlation of dM with dD.
+        ci_low: Lower end of its 95% interval (NaN if unknown).
+        ci_high: Upper end of its 95% interval (NaN if unknown).
+        n: Number of points, if it should be stated.
+
+    Returns:
+        E.g. ``"strong negative (r = -0.62)"``; with an interval that includes 0,
+        ``"moderate negative (r = -0.48, 95% CI [-0.65, +0.38]); the interval includes 0, so the
+        sign is not established"``.
+
+    Example:
+        >>> describe_correlation(0.83, n=24)
+        'strong positive (r = +0.83, n = 24)'
+    """
+    if not math.isfinite(r):
+        return "undefined (fewer than 3 distinct points)" if n is None else f"undefined (n = {n}: too few distinct points)"
+    word = strength(r)
+    numbers = [f"r = {_r(r)}"]
+    has_ci = math.isfinite(ci_low) and math.isfinite(ci_high)
+    if has_ci:
+        numbers.append(f"95% CI [{_r(ci_low)}, {_r(ci_high)}]")
+    if n is not None:
+        numbers.append(f"n = {n}")
+    text = f"{'no correlation' if word == 'none' else word} ({', '.join(numbers)})"
+    if has_ci and ci_low < 0 < ci_high:
+        text += "; the interval includes 0, so the sign is not established"
+    return text
+
+
+def _get(row: Mapping[str, object], key: str) -> float:
+    """A float from a summary row; NaN when the column is absent (older summaries)."""
+    v = row.get(key, math.nan)
+    return math.nan if v is None or pd.isna(v) else float(v)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------------------------
+# The document model, rendered to Markdown and to HTML
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Heading:
+    text: str
+    level: int = 2
+
+
+@dataclass(frozen=True)
+class Paragraph:
+    """Plain text; `backticks` mark code in both renderings."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Bullets:
+    items: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Table:
+    header: tuple[str, ...]
+    rows: tuple[tuple[str, ...], ...]
+
+
+@dataclass(frozen=True)
+class FigureBlock:
+    """A saved figure under its own heading: ``path`` relative to the report, and a copy to embed."""
+
+    path: str
+    title: str
+    caption: str
+    mime: str  # of ``data``: image/png or image/svg+xml
+    data: bytes
+
+    @property
+    def alt(self) -> str:
+        return self.title.replace("`", "")
+
+
+@dataclass(frozen=True)
+class FileLinks:
+    """Data files beside the report: ``(relative path, what it holds)``. Markdown only: an HTML
+    page that travels alone cannot link its neighbours, so it names them instead."""
+
+    files: tuple[tuple[str, str], ...]
+
+
+Block = Heading | Paragraph | Bullets | Table | FigureBlock | FileLinks
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def render_markdown(title: str, blocks: Sequence[Block]) -> str:
+    """The report as GitHub-flavoured Markdown; figures are relative links."""
+    out = [f"# {title}", ""]
+    for b in blocks:
+        if isinstance(b, Heading):
+            out += ["#" * b.level + " " + b.text, ""]
+        elif isinstance(b, Paragraph):
+            out += [b.text, ""]
+        elif isinstance(b, Bullets):
+            out += [f"- {item}" for item in b.items] + [""]
+        elif isinstance(b, Table):
+            out.append("| " + " | ".join(map(_md_cell, b.header)) + " |")
+            out.append("|" + "|".join("---" for _ in b.header) + "|")
+            out += ["| " + " | ".join(map(_md_cell, row)) + " |" for row in b.rows]
+            out.append("")
+        elif isinstance(b, FigureBlock):
+            # PDFs do not render inline in Markdown viewers: link them instead of embedding.
+            image = f"[{b.path}]({b.path})" if b.path.endswith(".pdf") else f"![{b.alt}]({b.path})"
+            out += [f"### {b.title}", "", image, "", f"*{b.caption}*", ""]
+        elif isinstance(b, FileLinks):
+            out += [f"- [`{name}`]({name}): {what}" for name, what in b.files] + [""]
+    return "\n".join(out)
+
+
+_CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; max-width: 1100px;
+       margin: 2em auto; padding: 0 1em; color: #222; line-height: 1.5; }
+table { border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }
+th { background: #f3f3f3; }
+code { background: #f3f3f3; padding: 0 0.2em; border-radius: 3px; }
+figure { margin: 1.5em 0; }
+figure img { max-width: 100%; height: auto; }
+figcaption { color: #555; font-size: 0.9em; }
+"""
+
+
+def _html_inline(text: str) -> str:
+    """Escape text, then turn `code` spans into <code>."""
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text, quote=False))
+
+
+def render_html(title: str, blocks: Sequence[Block]) -> str:
+    """The report as one self-contained HTML page: figures inlined as data URIs, CSS inline."""
+    body = [f"<h1>{html.escape(title)}</h1>"]
+    for b in blocks:
+        if isinstance(b, Heading):
+            body.append(f"<h{b.level}>{_html_inline(b.text)}</h{b.level}>")
+        elif isinstance(b, Paragraph):
+            body.append(f"<p>{_html_inline(b.text)}</p>")
+        elif isinstance(b, Bullets):
+            body.append("<ul>" + "".join(f"<li>{_html_inline(i)}</li>" for i in b.items) + "</ul>")
+        elif isinstance(b, Table):
+            head = "".join(f"<th>{html.escape(h)}</th>" for h in b.header)
+            rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in b.rows)
+            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
+        elif isinstance(b, FigureBlock):
+            uri = f"data:{b.mime};base64,{base64.b64encode(b.data).decode('ascii')}"
+            body.append(
+                f"<h3>{_html_inline(b.title)}</h3>"
+                f'<figure><img src="{uri}" alt="{html.escape(b.alt)}">'
+                f"<figcaption>{_html_inline(b.caption)}</figcaption></figure>"
+            )
+        elif isinstance(b, FileLinks):
+            items = "".join(f"<li><code>{html.escape(n)}</code>: {html.escape(w)}</li>" for n, w in b.files)
+            body.append(f"<p>Beside this page:</p><ul>{items}</ul>")
+    return (
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        f"<title>{html.escape(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
+        + "\n".join(body)
+        + "\n</body>\n</html>\n"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Figures
+# --------------------------------------------------------------------------------------------
+
+
+def _slug(text: str) -> str:
+    """A file-name-safe version of a kind (``self_attn.q_proj`` -> ``self_attn_q_proj``)."""
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", str(text)).strip("_") or "all"
+
+
+def _save(fig: Figure, path: Path, fmt: str) -> bytes:
+    """Save ``fig`` to ``path`` and return what the HTML page embeds (PNG or SVG bytes)."""
+    # No dates or random ids in the files: the same data gives byte-identical figures,
+    # which keeps committed reference figures stable.
+    metadata = {"svg": {"Date": None}, "pdf": {"CreationDate": None}}.get(fmt, {})
+    with matplotlib.rc_context({"svg.hashsalt": "dora-analysis"}):
+        fig.savefig(path, format=fmt, dpi=DPI, bbox_inches="tight", metadata=metadata)
+    if fmt in ("png", "svg"):
+        return path.read_bytes()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def _figure2_layout(layers: pd.DataFrame) -> tuple[list[str], int | None]:
+    """Run order and wrap for the figure-2 grid: FT | LoRA | DoRA in each row.
+
+    With several runs per method (seeds), runs are interleaved (ft-s0, lora-s0, dora-s0,
+    ft-s1, ...) and wrapped after one of each method, so every row reads like the paper.
+    """
+    order = plotting.run_order(layers)
+    method_of = dict(zip(layers["run"], layers["method"]))
+    by_method: dict[str, list[str]] = {}
+    for run in order:
+        by_method.setdefault(str(method_of[run]), []).append(run)
+    counts = {len(v) for v in by_method.values()}
+    if len(by_method) > 1 and len(order) > len(by_method) and len(counts) == 1:
+        interleaved = [run for group in zip(*by_method.values()) for run in group]
+        return interleaved, len(by_method)
+    return order, (4 if len(order) > 4 else None)
+
+
+def _draw_figures(layers: pd.DataFrame, out_dir: Path, fmt: str) -> list[FigureBlock]:
+    """Draw every figure into ``out_dir/figures/`` and return them as report blocks."""
+    (out_dir / "figures").mkdir(exist_ok=True)
+    mime = "image/svg+xml" if fmt == "svg" else "image/png"
+    drawn: list[FigureBlock] = []
+    kinds = sorted(map(str, layers["kind"].unique()))
+    runs, wrap = _figure2_layout(layers)
+
+    def save(grid: sns.FacetGrid, name: str, title: str, caption: str) -> None:
+        try:
+            rel = f"figures/{name}.{fmt}"
+            drawn.append(FigureBlock(rel, title, caption, mime, _save(grid.figure, out_dir / rel, fmt)))
+        finally:
+            plt.close(grid.figure)  # figures are saved, never shown: free them at once
+
+    for kind in kinds:
+        g = plotting.plot_md_grid(layers, runs=runs, kinds=[kind], col_wrap=wrap)
+        save(
+            g,
+            f"figure2_{_slug(kind)}",
+            f"ΔM against ΔD: `{kind}` (the paper's figure 2 layout)",
+            f"ΔM against ΔD for the {kind} matrices: one point per layer and checkpoint (the number is the "
+            "layer, the colour the training step), with the OLS line and its 95% confidence band. Each panel "
+            "has its own scale, as in the paper's figure 2 (query matrices, 6 layers, 4 checkpoints).",
+        )
+    if layers.groupby("run")["step"].nunique().max() > 1 and layers["layer"].notna().any():
+        g = plotting.plot_trajectories(layers, runs=plotting.run_order(layers))
+        save(g, "trajectories", "ΔM and ΔD across training", "ΔM (left) and ΔD (right) of every matrix at each checkpoint; colour is the layer.")
+    if layers["layer"].notna().any():
+        single = len(kinds) == 1
+        for value, name in (("delta_d", "ΔD"), ("delta_m", "ΔM")):
+            g = plotting.plot_heatmap_grid(layers, value=value, runs=runs if single else None, col_wrap=wrap if single else None)
+            save(g, f"heatmap_{value}", f"{name} by layer and step", f"{name} of each layer (rows) at each checkpoint (columns), per run and kind.")
+    return drawn
+
+
+# --------------------------------------------------------------------------------------------
+# The report's text
+# --------------------------------------------------------------------------------------------
+
+
+def _plural(n: int, word: str, plural: str | None = None) -> str:
+    return f"{n} {word if n == 1 else plural or word + 's'}"
+
+
+def _overview(layers: pd.DataFrame) -> str:
+    runs = plotting.run_order(layers)
+    method_of = dict(zip(layers["run"], layers["method"]))
+    names = ", ".join(f"`{r}` ({plotting.method_label(method_of[r])})" for r in runs)
+    kinds = ", ".join(f"`{k}`" for k in sorted(map(str, layers["kind"].unique())))
+    steps = layers.groupby("run")["step"].nunique()
+    step_text = f"{steps.min()}" if steps.min() == steps.max() else f"{steps.min()} to {steps.max()}"
+    axes = set(layers["axis"]) if "axis" in layers else {"out"}
+    vectors = "rows of each `[out, in]` weight (one per output feature, as in the paper)" if axes == {"out"} else "columns of each weight (`--axis in`, not the paper's convention)"
+    return (
+        f"{_plural(len(runs), 'run')}: {names}. {_plural(layers['module'].nunique(), 'matrix', 'matrices')} "
+        f"of kind {kinds}, {step_text} checkpoint{'' if steps.max() == 1 else 's'} per run, "
+        f"{_plural(len(layers), '(matrix, checkpoint) point')}. "
+        f"Norms and cosines are taken over the {vectors}."
+    )
+
+
+_METHOD_TEXT = (
+    "ΔM is the mean absolute change of the vector norms (magnitudes) from the base weights, ΔD the mean of "
+    "1 − cos between each vector and its base vector (direction), per matrix and checkpoint "
+    "(Liu et al., ICML 2024, section 3.2). The paper's figure 2 plots ΔM against ΔD: full fine-tuning (FT) "
+    "and DoRA show a negative slope (large changes of magnitude come with small changes of direction, "
+    "or the reverse), LoRA a positive one (the two move together)."
+)
+
+_WITHIN_BETWEEN_TEXT = (
+    "Reading the parts: the pooled r mixes the same matrix moving across checkpoints (within: ΔM and ΔD "
+    "both grow with training, so this part tends to be positive for every method) with differences between "
+    "matrices (between: the correlation of their means over checkpoints). When the two disagree in sign, the "
+    "pooled r depends on how many checkpoints are pooled and where they sit in training. The 95% interval "
+    "resamples whole matrices (a cluster bootstrap), because the checkpoints of one matrix are not independent."
+)
+
+
+def _finding(row: Mapping[str, object], paper: Mapping[str, float] | None) -> str:
+    """One bullet: a run and kind, its r in words, slope, within/between parts, the paper's r."""
+    kind = "all kinds pooled" if row["kind"] == "all" else f"`{row['kind']}`"
+    reading = describe_correlation(
+        _get(row, "pearson_r"), ci_low=_get(row, "r_ci_low"), ci_high=_get(row, "r_ci_high"), n=int(row["n"])
+    )
+    details = [f"Slope {_num(row.get('slope'), '.3g')}"]
+    if math.isfinite(_get(row, "r_between")) or math.isfinite(_get(row, "r_within")):
+        details.append(f"between matrices r = {_r(_get(row, 'r_between'))}, within r = {_r(_get(row, 'r_within'))}")
+    ref = _paper_value(paper, row)
+    if ref is not None:
+        details.append(f"paper {_r(ref)}")
+    label = plotting.run_label(str(row["run"]), str(row["method"]))
+    return f"{label}, {kind}: {reading}. " + "; ".join(details) + "."
+
+
+def _paper_value(paper: Mapping[str, float] | None, row: Mapping[str, object]) -> float | None:
+    """The paper's r for a summary row's run (by run name, else by method), if given."""
+    if not paper:
+        return None
+    for key in (str(row["run"]), str(row["method"]).lower()):
+        if key in paper:
+            return float(paper[key])
+    return None
+
+
+def _paper_row(rows: pd.DataFrame) -> pd.Series:
+    """The summary row of a run that matches the paper's figure 2: its query matrices, else all."""
+    for kind in rows["kind"]:
+        if str(kind).split(".")[-1] in PAPER_KINDS:
+            return rows[rows["kind"] == kind].iloc[0]
+    return rows[rows["kind"] == "all"].iloc[0] if (rows["kind"] == "all").any() else rows.iloc[0]
+
+
+def _paper_table(summary: pd.DataFrame, paper: Mapping[str, float]) -> Table:
+    rows = []
+    for run, part in summary.groupby("run", sort=False):
+        row = _paper_row(part)
+        ref = _paper_value(paper, row)
+        if ref is None:
+            continue
+        r = _get(row, "pearson_r")
+        agrees = "n/a" if not math.isfinite(r) else ("yes" if (r > 0) == (ref > 0) else "no")
+        rows.append((str(run), plotting.method_label(str(row["method"])), str(row["kind"]), _r(r), _r(ref), agrees))
+    return Table(("run", "method", "kind", "measured r", "paper r (fig. 2)", "same sign"), tuple(rows))
+
+
+def _summary_table(summary: pd.DataFrame) -> Table:
+    """Every summary row; interval and parts only when the summary has them."""
+    has_ci = {"r_ci_low", "r_ci_high"} <= set(summary.columns)
+    has_parts = {"r_within", "r_between"} <= set(summary.columns)
+    header = ["run", "method", "kind", "n", "Pearson r"]
+    header += ["95% CI"] if has_ci else []
+    header += ["p", "Spearman ρ", "slope"]
+    header += ["r between", "r within"] if has_parts else []
+    header += ["reading"]
+    rows = []
+    for row in summary.to_dict("records"):
+        cells = [str(row["run"]), plotting.method_label(str(row["method"])), str(row["kind"]), str(row["n"]), _r(row["pearson_r"])]
+        if has_ci:
+            lo, hi = _get(row, "r_ci_low"), _get(row, "r_ci_high")
+            cells.append(f"[{_r(lo)}, {_r(hi)}]" if math.isfinite(lo) and math.isfinite(hi) else "n/a")
+        cells += [_p(row.get("pearson_p")), _r(row.get("spearman_rho")), _num(row.get("slope"), ".3g")]
+        if has_parts:
+            cells += [_r(row["r_between"]), _r(row["r_within"])]
+        cells.append(strength(_get(row, "pearson_r")))
+        rows.append(tuple(cells))
+    return Table(tuple(header), tuple(rows))
+
+
+def _findings(summary: pd.DataFrame, paper: Mapping[str, float] | None) -> Bullets:
+    """A bullet per run and kind; the pooled row only where a run has several kinds."""
+    items = []
+    for _, part in summary.groupby("run", sort=False):
+        kinds = part[part["kind"] != "all"]
+        chosen = part if len(kinds) > 1 else (kinds if len(kinds) else part)
+        items += [_finding(row, paper) for row in chosen.to_dict("records")]
+    return Bullets(tuple(items))
+
+
+def _blocks(
+    layers: pd.DataFrame,
+    summary: pd.DataFrame,
+    figures: Sequence[FigureBlock],
+    out_dir: Path,
+    paper: Mapping[str, float] | None,
+) -> list[Block]:
+    blocks: list[Block] = [Paragraph(f"Written by dora-analysis {__version__}."), Paragraph(_METHOD_TEXT)]
+    if layers.empty or summary.empty:
+        return blocks + [Paragraph("No matrices were compared: there is nothing to report.")]
+    # Order the runs as the figures do: FT, LoRA, DoRA, others.
+    rank = {run: i for i, run in enumerate(plotting.run_order(summary))}
+    summary = summary.sort_values("run", key=lambda s: s.map(rank), kind="stable")
+    blocks += [Paragraph(_overview(layers)), Heading("Findings"), _findings(summary, paper)]
+    if {"r_within", "r_between"} <= set(summary.columns):
+        blocks.append(Paragraph(_WITHIN_BETWEEN_TEXT))
+    if paper:
+        table = _paper_table(summary, paper)
+        if table.rows:
+            blocks += [
+                Heading("Compared with the paper"),
+                Paragraph("The paper's figure 2 reports Pearson r over the query matrices of 6 layers at 4 checkpoints; the measured r is for the kind named, pooled over layers and checkpoints."),
+                table,
+            ]
+    blocks += [Heading("Summary"), _summary_table(summary)]
+    if figures:
+        blocks += [Heading("Figures"), *figures]
+    present = tuple((name, what) for name, what in DATA_FILES.items() if (out_dir / name).is_file())
+    if present:
+        blocks += [Heading("Data"), FileLinks(present)]
+    return blocks
+
+
+def write_report(
+    out_dir: Path,
+    layers: pd.DataFrame,
+    summary: pd.DataFrame,
+    *,
+    fmt: str = "png",
+    plots: bool = True,
+    title: str | None = None,
+    paper: Mapping[str, float] | None = None,
+) -> list[Path]:
+    """Write ``figures/*.{fmt}``, ``report.md`` and a self-contained ``report.html`` into ``out_dir``.
+
+    The Markdown links figures relatively (``figures/figure2_query.png``), so it renders on
+    GitHub and in any Markdown viewer; the HTML embeds them (PNG, or SVG when ``fmt="svg"``)
+    and needs no other file. Both link only files that exist: the figures written here, and
+    ``layers.csv`` / ``summary.csv`` / ``summary.json`` if already in ``out_dir``. Figures are
+    drawn off-screen (interactive mode off) and closed once saved; nothing is shown.
+
+    Args:
+        out_dir: Folder to write into (created if missing).
+        layers: The analyzer's per-matrix DataFrame (:func:`dora_analysis.analyze`).
+        summary: Its summary (:func:`dora_analysis.summarize`).
+        fmt: Figure format: ``png``, ``svg`` or ``pdf``.
+        plots: Draw figures; False writes the text only, with no figure links.
+        title: The report's title.
+        paper: Reference correlations by method or run name (e.g. :data:`PAPER_R`), shown
+            beside the measured r of each run's query matrices.
+
+    Returns:
+        The written files: figures first, then ``report.md`` and ``report.html``.
+
+    Raises:
+        ValueError: Unknown ``fmt``.
+
+    Example:
+        >>> write_report(Path("out"), layers, summary, fmt="svg", paper=PAPER_R)
+        [PosixPath('out/figures/figure2_query.svg'), ..., PosixPath('out/report.html')]
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown figure format {fmt!r}: use one of {', '.join(FORMATS)}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    title = title or "Magnitude and direction of fine-tuning updates (ΔM vs ΔD)"
+
+    figures: list[FigureBlock] = []
+    if plots and not layers.empty:
+        with plt.ioff():  # never pop up a window, whatever the backend
+            figures = _draw_figures(layers, out_dir, fmt)
+
+    blocks = _blocks(layers, summary, figures, out_dir, paper)
+    md, page = out_dir / "report.md", out_dir / "report.html"
+    md.write_text(render_markdown(title, blocks), encoding="utf-8")
+    page.write_text(render_html(title, blocks), encoding="utf-8")
+    return [out_dir / f.path for f in figures] + [md, page]

@@ -1,0 +1,160 @@
+"""The report: figures written in every format, links only to files that exist, HTML that
+needs nothing else, and correlations read out in words."""
+
+from __future__ import annotations
+
+import math
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+
+from dora_analysis import summarize  # noqa: E402
+from dora_analysis.report import PAPER_R, describe_correlation, write_report  # noqa: E402
+
+from .test_plots import make_layers  # noqa: E402
+
+MAGIC = {"png": b"\x89PNG\r\n\x1a\n", "svg": b"<?xml", "pdf": b"%PDF-"}
+
+
+@pytest.fixture(scope="module")
+def tables() -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Small FT / LoRA / DoRA runs (one kind, 3 layers, 3 steps) and their summary."""
+    layers = make_layers(layers=3, kinds=("query",))
+    return layers, summarize(layers, n_boot=100)
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    plt.close("all")
+
+
+def md_links(text: str) -> list[str]:
+    """Targets of Markdown links and images: ``[..](target)``."""
+    return re.findall(r"\]\(([^)\s]+)\)", text)
+
+
+class _Refs(HTMLParser):
+    """Every src/href in an HTML page, and every tag that would load a resource."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refs: list[str] = []
+        self.tags: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append(tag)
+        self.refs += [v or "" for k, v in attrs if k in ("src", "href")]
+
+
+@pytest.mark.parametrize("fmt", ["png", "svg", "pdf"])
+def test_every_format_written_nonempty_and_linked(tmp_path: Path, tables: tuple, fmt: str) -> None:
+    layers, summary = tables
+    written = write_report(tmp_path, layers, summary, fmt=fmt)
+    figures = [p for p in written if p.parent.name == "figures"]
+    assert {p.name for p in figures} == {f"figure2_query.{fmt}", f"trajectories.{fmt}", f"heatmap_delta_d.{fmt}", f"heatmap_delta_m.{fmt}"}
+    for path in figures:
+        assert path.stat().st_size > 1000 and path.read_bytes().startswith(MAGIC[fmt])
+    assert written[-2:] == [tmp_path / "report.md", tmp_path / "report.html"]
+    assert sorted(tmp_path.rglob("*.*")) == sorted(written)  # nothing written that is not returned
+
+    md = (tmp_path / "report.md").read_text()
+    links = md_links(md)
+    assert sorted(links) == sorted(p.relative_to(tmp_path).as_posix() for p in figures)
+    assert all((tmp_path / link).is_file() for link in links)
+
+    page = _Refs()
+    page.feed((tmp_path / "report.html").read_text())
+    assert page.refs and all(ref.startswith("data:image/") for ref in page.refs)
+    assert page.tags.count("img") == len(figures)
+    assert not {"script", "link", "iframe", "object"} & set(page.tags)
+
+
+def test_links_only_existing_data_files(tmp_path: Path, tables: tuple) -> None:
+    layers, summary = tables
+    layers.to_csv(tmp_path / "layers.csv", index=False)  # as the CLI does before the report
+    write_report(tmp_path, layers, summary, plots=False)
+    md = (tmp_path / "report.md").read_text()
+    assert md_links(md) == ["layers.csv"]
+    assert "summary.csv" not in md
+
+
+def test_no_plots_means_no_figures_and_no_links(tmp_path: Path, tables: tuple) -> None:
+    layers, summary = tables
+    written = write_report(tmp_path, layers, summary, plots=False)
+    assert written == [tmp_path / "report.md", tmp_path / "report.html"]
+    assert not (tmp_path / "figures").exists()
+    md = (tmp_path / "report.md").read_text()
+    assert md_links(md) == [] and "figures/" not in md
+    assert "<img" not in (tmp_path / "report.html").read_text()
+
+
+def test_summary_findings_and_paper_side_by_side(tmp_path: Path, tables: tuple) -> None:
+    layers, summary = tables
+    write_report(tmp_path, layers, summary, plots=False, paper=PAPER_R, title="Seed 0")
+    md = (tmp_path / "report.md").read_text()
+    assert md.startswith("# Seed 0\n")
+    # The paper table: one row per run, measured next to the paper's r, in figure 2's order.
+    rows = re.findall(r"^\| (\w+) \| (\w+) \| query \| ([+-]\d\.\d\d) \| ([+-]\d\.\d\d) \| (yes|no) \|$", md, re.M)
+    assert [(run, paper) for run, _, _, paper, _ in rows] == [("ft", "-0.62"), ("lora", "+0.83"), ("dora", "-0.31")]
+    for run, _, measured, _, same in rows:
+        r = summary.query("run == @run and kind == 'query'")["pearson_r"].item()
+        assert measured == f"{r:+.2f}" and same == ("yes" if (r > 0) == (PAPER_R[run] > 0) else "no")
+    # The summary table has every summary row; findings read r in words.
+    assert len(re.findall(r"^\| (ft|lora|dora) \| (FT|LoRA|DoRA) \| (query|all) \| \d+ \|", md, re.M)) == len(summary)
+    lora = summary.query("run == 'lora' and kind == 'query'")["pearson_r"].item()
+    assert f"LoRA, `query`: strong positive (r = {lora:+.2f}" in md
+    html = (tmp_path / "report.html").read_text()
+    assert "<code>query</code>" in html and "paper r (fig. 2)" in html
+
+
+def test_report_without_the_newer_summary_columns(tmp_path: Path, tables: tuple) -> None:
+    layers, summary = tables
+    old = summary.drop(columns=["r_within", "r_between", "r_ci_low", "r_ci_high"])
+    write_report(tmp_path, layers, old, plots=False)
+    md = (tmp_path / "report.md").read_text()
+    assert "r within" not in md and "95% CI" not in md and "strong" in md
+
+
+def test_empty_analysis_still_writes_a_report(tmp_path: Path, tables: tuple) -> None:
+    layers, summary = tables
+    written = write_report(tmp_path, layers.iloc[:0], summary.iloc[:0])
+    assert [p.name for p in written] == ["report.md", "report.html"]
+    assert "nothing to report" in (tmp_path / "report.md").read_text()
+
+
+@pytest.mark.parametrize("fmt", ["png", "svg", "pdf"])
+def test_figures_are_reproducible_byte_for_byte(tmp_path: Path, fmt: str) -> None:
+    """Committed reference figures should not change when nothing changed (no dates, fixed ids)."""
+    layers = make_layers({"ft": (0.02, 0.07, -1)}, layers=3, kinds=("query",))
+    summary = summarize(layers, n_boot=0)
+    one = write_report(tmp_path / "a", layers, summary, fmt=fmt)
+    two = write_report(tmp_path / "b", layers, summary, fmt=fmt)
+    assert [p.read_bytes() for p in one] == [p.read_bytes() for p in two]
+
+
+def test_unknown_format(tmp_path: Path, tables: tuple) -> None:
+    with pytest.raises(ValueError, match="use one of png, svg, pdf"):
+        write_report(tmp_path, *tables, fmt="jpg")
+
+
+@pytest.mark.parametrize(
+    ("r", "ci", "expected"),
+    [
+        (-0.62, (math.nan, math.nan), "strong negative (r = -0.62)"),
+        (0.83, (0.7, 0.9), "strong positive (r = +0.83, 95% CI [+0.70, +0.90])"),
+        (-0.31, (-0.6, 0.1), "moderate negative (r = -0.31, 95% CI [-0.60, +0.10]); the interval includes 0, so the sign is not established"),
+        (0.05, (math.nan, math.nan), "no correlation (r = +0.05)"),
+        (math.nan, (math.nan, math.nan), "undefined (fewer than 3 distinct points)"),
+    ],
+)
+def test_describe_correlation(r: float, ci: tuple[float, float], expected: str) -> None:
+    assert describe_correlation(r, ci_low=ci[0], ci_high=ci[1]) == expected
