@@ -17,6 +17,8 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .console import run_main
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -75,22 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``dora-analyze``; returns the exit status."""
     args = build_parser().parse_args(argv)
-    try:
-        return _run(args)
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:  # noqa: BLE001 - the one place errors become exit codes
-        if args.debug:
-            raise
-        from .errors import InputError
-
-        if isinstance(exc, InputError):
-            print(f"{PROG}: error: {exc}", file=sys.stderr)
-        else:
-            msg = " ".join(str(exc).split()) or type(exc).__name__
-            print(f"{PROG}: error: {type(exc).__name__}: {msg} (rerun with --debug for the traceback)", file=sys.stderr)
-        return 2
+    return run_main(PROG, lambda: _run(args), debug=args.debug)
 
 
 def _parse_steps(text: str | None) -> list[int] | None:
