@@ -4,7 +4,7 @@ A :class:`TensorStore` is a read-only mapping from tensor name to tensor that re
 until asked: ``keys()`` and ``shape()`` come from headers and indexes, ``get()`` reads one
 tensor. Supported:
 
-* a ``.safetensors`` file (header checked on open, tensors read one by one);
+* a ``.safetensors`` file (header checked on open, each tensor mapped only while in use);
 * sharded safetensors with ``*.safetensors.index.json`` (``{"weight_map": {name: shard}}``);
 * ``pytorch_model.bin`` / ``.pt`` / ``.pth`` / ``.ckpt``, and sharded ``.bin`` with
   ``pytorch_model.bin.index.json``, loaded with ``weights_only=True`` (never running pickled
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import pickle
 import re
@@ -111,13 +112,13 @@ class TensorStore(ABC):
 
 
 class SafetensorsStore(TensorStore):
-    """One ``.safetensors`` file, read tensor by tensor with ``pread``.
+    """One ``.safetensors`` file, each tensor memory-mapped on its own.
 
     The format is an 8-byte little-endian header length, a JSON header
     (``{name: {"dtype", "shape", "data_offsets": [begin, end]}}``) and the raw bytes. The
     header is parsed and checked against the file size on open, so a truncated file fails
-    there, naming itself. Tensors are then read with ``os.preadv`` into fresh buffers rather
-    than through a memory map: a map keeps every page it touched resident (and counted in
+    there, naming itself. Each tensor then gets its own small mapping rather than one map of
+    the whole file: a whole-file map keeps every page it touched resident (and counted in
     RSS) for as long as it is open, which for a whole-model walk is the whole model.
     """
 
@@ -183,15 +184,34 @@ class SafetensorsStore(TensorStore):
 
     def _read(self, key: str) -> torch.Tensor:
         dtype, shape, begin, end = self._entries[key]
-        buf = torch.empty(end - begin, dtype=torch.uint8)
+        start = self._data_start + begin
+        if end == begin:
+            return torch.empty(shape, dtype=dtype)
+        # Map just this tensor's pages: no copy, and they leave the process's RSS as soon as
+        # the tensor is dropped (the mapping lives exactly as long as the tensor's buffer).
+        aligned = start - start % mmap.ALLOCATIONGRANULARITY
+        skip = start - aligned
+        if skip % dtype.itemsize == 0:
+            try:
+                # ACCESS_COPY: a private mapping, writable as torch wants, never written back.
+                region = mmap.mmap(self._fd, skip + end - begin, offset=aligned, access=mmap.ACCESS_COPY)
+            except (OSError, ValueError) as exc:
+                raise InputError(f"cannot map tensor ({_short(exc)})", path=self.path, tensor=key) from exc
+            flat = torch.frombuffer(region, dtype=torch.uint8, offset=skip, count=end - begin)
+            return flat.view(dtype).reshape(shape)
+        return self._pread(key, start, end - begin).view(dtype).reshape(shape)
+
+    def _pread(self, key: str, start: int, nbytes: int) -> torch.Tensor:
+        """Read bytes into a fresh buffer: for tensors whose offset is not aligned to their dtype."""
+        buf = torch.empty(nbytes, dtype=torch.uint8)
         view = memoryview(buf.numpy())
         done = 0
-        while done < len(view):  # pread may return short reads on large requests
-            n = os.preadv(self._fd, [view[done:]], self._data_start + begin + done)
+        while done < nbytes:  # pread may return short reads on large requests
+            n = os.preadv(self._fd, [view[done:]], start + done)
             if n <= 0:
                 raise InputError("file ended while reading tensor (truncated?)", path=self.path, tensor=key)
             done += n
-        return buf.view(dtype).reshape(shape)
+        return buf
 
     def __del__(self) -> None:
         fd = getattr(self, "_fd", None)

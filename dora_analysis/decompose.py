@@ -28,6 +28,8 @@ reduction here runs in float64 whatever the stored dtype, in row blocks to bound
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
@@ -35,10 +37,12 @@ import torch
 
 Axis = Literal["out", "in"]
 
-# Elements per float64 block (1 MB per temporary): small enough to stay in cache, which makes
-# the three float64 reductions about as fast as a plain float32 upcast of the matrix (measured
-# on 5632 x 2048 bf16: ~12 ms for 64-row blocks vs ~40 ms for 512-row blocks).
-_BLOCK_ELEMENTS = 1 << 17
+# Elements per float64 block. On the CPU, 512 KB: small enough to stay in L2, so the float64
+# work costs about what a plain float32 upcast of the matrix costs; at least 8 rows, so wide
+# matrices do not spend their time in the Python loop. On a GPU, few large blocks (launches
+# cost more than memory there), still bounded: 512 MB.
+_BLOCK_ELEMENTS = {"cpu": 1 << 16, "cuda": 1 << 26}
+_MIN_BLOCK_ROWS = 8
 
 
 def as_vectors(weight: torch.Tensor, *, fan_in_fan_out: bool = False, axis: Axis = "out") -> torch.Tensor:
@@ -92,21 +96,45 @@ class MatrixChange:
     zero_rows: int
 
 
+@contextmanager
+def _one_cpu_thread(device: torch.device) -> Iterator[None]:
+    """Run the comparison on one CPU thread.
+
+    It is many small ops (cache-sized blocks, then k-length vectors), each an OpenMP parallel
+    region; on a machine where another process holds a core, every region waits for a
+    descheduled thread. Measured on 2 shared cores (5632 x 2048 bf16): ~30 ms on one thread,
+    0.3-4 s on two.
+    """
+    if device.type != "cpu" or torch.get_num_threads() == 1:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _row_sums(base: torch.Tensor, tuned: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Squared norms of both sides and their row dot products, in float64, block by block."""
+    """Squared norms of both sides and their row dot products, in float64, block by block.
+
+    Each block's rows are stacked pairwise, ``S[i] = [base[i]; tuned[i]]`` (2 x d, float64),
+    and one batched matmul gives every row's 2 x 2 Gram matrix ``S[i] S[i]^T``:
+    ``[[|b|^2, b.t], [b.t, |t|^2]]``. One pass over the data instead of six.
+    """
     k, d = base.shape
-    block = max(1, _BLOCK_ELEMENTS // max(d, 1))
-    base_sq = torch.empty(k, dtype=torch.float64, device=base.device)
-    tuned_sq = torch.empty_like(base_sq)
-    dot = torch.empty_like(base_sq)
+    budget = _BLOCK_ELEMENTS.get(base.device.type, _BLOCK_ELEMENTS["cuda"])
+    block = min(k, max(_MIN_BLOCK_ROWS, budget // max(2 * d, 1)))
+    gram = torch.empty(k, 2, 2, dtype=torch.float64, device=base.device)
+    pair = torch.empty(block, 2, d, dtype=torch.float64, device=base.device)
     for start in range(0, k, block):
-        a = base[start : start + block].to(torch.float64)
-        b = tuned[start : start + block].to(torch.float64)
-        sl = slice(start, start + a.shape[0])
-        torch.sum(a * a, dim=1, out=base_sq[sl])
-        torch.sum(b * b, dim=1, out=tuned_sq[sl])
-        torch.sum(a * b, dim=1, out=dot[sl])
-    return base_sq, tuned_sq, dot
+        n = min(block, k - start)
+        # copy_ upcasts while it copies: each side is read once, whatever its dtype.
+        pair[:n, 0].copy_(base[start : start + n])
+        pair[:n, 1].copy_(tuned[start : start + n])
+        torch.bmm(pair[:n], pair[:n].transpose(1, 2), out=gram[start : start + n])
+    return gram[:, 0, 0], gram[:, 1, 1], gram[:, 0, 1]
 
 
 def compare(
@@ -139,6 +167,12 @@ def compare(
         raise ValueError(f"shape mismatch: base {tuple(base.shape)} vs tuned {tuple(tuned.shape)}")
     a = as_vectors(base, fan_in_fan_out=fan_in_fan_out, axis=axis)
     b = as_vectors(tuned, fan_in_fan_out=fan_in_fan_out, axis=axis)
+    with _one_cpu_thread(a.device):
+        return _change(a, b)
+
+
+def _change(a: torch.Tensor, b: torch.Tensor) -> MatrixChange:
+    """:func:`compare` on two ``[k, d]`` stacks of vectors."""
     base_sq, tuned_sq, dot = _row_sums(a, b)
     # NaN/Inf anywhere in a row propagates into its sums: one cheap check instead of a pass
     # over the whole matrix.
