@@ -14,18 +14,32 @@ Example:
 
 from __future__ import annotations
 
-from .config import TrainConfig
-from .layers import DoRALinear, LoRALinear
-from .loop import TrainResult, train
-from .model import EncoderClassifier, default_model_path, merged_state_dict
+import importlib
+from typing import TYPE_CHECKING, Any
 
-__all__ = [
-    "TrainConfig",
-    "TrainResult",
-    "train",
-    "LoRALinear",
-    "DoRALinear",
-    "EncoderClassifier",
-    "default_model_path",
-    "merged_state_dict",
-]
+# Imported on first use, so that ``dora-train --help`` starts without loading torch.
+_EXPORTS = {
+    "TrainConfig": "config",
+    "TrainResult": "loop",
+    "train": "loop",
+    "LoRALinear": "layers",
+    "DoRALinear": "layers",
+    "EncoderClassifier": "model",
+    "default_model_path": "model",
+    "merged_state_dict": "model",
+}
+__all__ = list(_EXPORTS)
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
+    from .layers import DoRALinear, LoRALinear
+    from .loop import TrainResult, train
+    from .model import EncoderClassifier, default_model_path, merged_state_dict
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..console import run_main
+
 if TYPE_CHECKING:
     from .config import TrainConfig
     from .loop import TrainResult
@@ -125,22 +127,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``dora-train``; returns the exit status."""
     args = build_parser().parse_args(argv)
-    try:
-        return _run(args)
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; continue with --resume", file=sys.stderr)
-        return 130
-    except Exception as exc:  # noqa: BLE001 - the one place errors become exit codes
-        if args.debug:
-            raise
-        from ..errors import InputError
-
-        if isinstance(exc, InputError):
-            print(f"{PROG}: error: {exc}", file=sys.stderr)
-        else:
-            msg = " ".join(str(exc).split()) or type(exc).__name__
-            print(f"{PROG}: error: {type(exc).__name__}: {msg} (rerun with --debug for the traceback)", file=sys.stderr)
-        return 2
+    return run_main(PROG, lambda: _run(args), debug=args.debug, on_interrupt="interrupted; continue with --resume")
 
 
 def _run(args: argparse.Namespace) -> int:
