@@ -1,0 +1,105 @@
+"""How robust is the reproduced sign pattern? Vary one choice of the reference at a time.
+
+    python -m dora_analysis.sensitivity --out runs/sensitivity [--seeds 0 1 2]
+
+Trains the reference runs with a snapshot every 15 steps, and variants of the reference
+(weight decay, the synthetic task's words), then measures the pooled Pearson r of every run
+under each variant of the analysis (which checkpoints, which axis). Prints a Markdown table
+with one row per variant; docs/reproduction.md holds its output. Finished runs are reused, so
+an interrupted study continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from .console import run_main
+from .reproduce import EXPECTED_SIGN, PAPER_R, REFERENCE, Reference, train_runs
+
+EVERY_15 = tuple(range(15, 241, 15))
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of the table: runs trained with ``ref``, analysed at ``steps`` along ``axis``."""
+
+    name: str
+    ref: Reference
+    steps: tuple[int, ...] = REFERENCE.snapshots
+    axis: str = "out"
+    runs_dir: str = "every15"
+    note: str = field(default="", compare=False)
+
+
+def variants() -> list[Variant]:
+    """The reference, then one change at a time."""
+    every15 = replace(REFERENCE, snapshots=EVERY_15)
+    return [
+        Variant("reference: last 4 of 16 checkpoints (195-240)", every15, note="as `dora-reproduce`"),
+        Variant("checkpoints 150, 180, 210, 240", every15, steps=(150, 180, 210, 240)),
+        Variant("checkpoints 60, 120, 180, 240 (evenly spread)", every15, steps=(60, 120, 180, 240)),
+        Variant("all 16 checkpoints", every15, steps=EVERY_15),
+        Variant("vectors = input columns (`--axis in`)", every15, axis="in"),
+        Variant("weight decay 0.01", replace(REFERENCE, weight_decay=0.01), runs_dir="wd0.01"),
+        Variant("weight decay 0", replace(REFERENCE, weight_decay=0.0), runs_dir="wd0"),
+        Variant("everyday adjectives (`synthetic_words=common`)", replace(REFERENCE, synthetic_words="common"), runs_dir="common"),
+    ]
+
+
+def measure(out: Path, seeds: tuple[int, ...], *, progress: bool = True) -> list[tuple[Variant, dict[str, list[float]]]]:
+    """Pooled r per method (one value per seed) for every variant."""
+    from .analysis import analyze, summarize
+    from .train import default_model_path
+
+    base = default_model_path()
+    rows = []
+    for v in variants():
+        t0 = time.perf_counter()
+        run_dirs = train_runs(v.ref, out / v.runs_dir, seeds, progress=progress)
+        layers = analyze(base, run_dirs, modules=v.ref.modules, steps=v.steps, axis=v.axis, progress=False)  # type: ignore[arg-type]
+        pooled = summarize(layers, n_boot=0).query("kind == 'all'")
+        by_method = {m: part["pearson_r"].to_list() for m, part in pooled.groupby("method", sort=False)}
+        rows.append((v, by_method))
+        if progress:
+            print(f"{v.name}: done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    return rows
+
+
+def format_table(rows: list[tuple[Variant, dict[str, list[float]]]], seeds: tuple[int, ...]) -> str:
+    """A Markdown table: per method, r for each seed; a check where the paper's sign holds on every seed."""
+    methods = list(REFERENCE.methods)
+    head = "| variant | " + " | ".join(f"{m.upper()} r (paper {PAPER_R[m]:+.2f})" for m in methods) + " | paper's signs on every seed |"
+    lines = [f"Pearson r of dM vs dD, query matrices, seeds {' / '.join(map(str, seeds))}", "", head, "|" + "---|" * (len(methods) + 2)]
+    for v, by_method in rows:
+        cells, all_ok = [], True
+        for m in methods:
+            rs = by_method.get(m, [])
+            ok = bool(rs) and all(r * EXPECTED_SIGN[m] > 0 for r in rs)
+            all_ok &= ok
+            cells.append(" / ".join(f"{r:+.2f}" for r in rs))
+        lines.append(f"| {v.name} | " + " | ".join(cells) + f" | {'yes' if all_ok else 'no'} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m dora_analysis.sensitivity", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("runs/sensitivity"))
+    p.add_argument("--seeds", type=int, nargs="+", default=list(REFERENCE.seeds))
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--debug", action="store_true")
+    args = p.parse_args(argv)
+    seeds = tuple(args.seeds)
+
+    def body() -> int:
+        print(format_table(measure(args.out, seeds, progress=not args.quiet), seeds))
+        return 0
+
+    return run_main(p.prog, body, debug=args.debug)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
