@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from .errors import InputError
+from .errors import InputError, first_line
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 # The safetensors spec caps the header at 100 MB; anything larger is garbage, not a header.
@@ -150,7 +150,7 @@ class SafetensorsStore(TensorStore):
             if not isinstance(header, dict):
                 raise ValueError("header is not a JSON object")
         except (ValueError, UnicodeDecodeError) as exc:
-            raise self._corrupt(f"header is not valid JSON ({_short(exc)})") from exc
+            raise self._corrupt(f"header is not valid JSON ({first_line(exc)})") from exc
         self._data_start = 8 + n
         for name, info in header.items():
             if name == "__metadata__":
@@ -160,7 +160,7 @@ class SafetensorsStore(TensorStore):
                 shape = tuple(int(d) for d in info["shape"])
                 begin, end = (int(o) for o in info["data_offsets"])
             except (KeyError, TypeError, ValueError) as exc:
-                raise self._corrupt(f"bad header entry ({_short(exc)})", tensor=name) from exc
+                raise self._corrupt(f"bad header entry ({first_line(exc)})", tensor=name) from exc
             nbytes = math.prod(shape) * dtype.itemsize
             if end - begin != nbytes or begin < 0:
                 raise self._corrupt(f"data offsets hold {end - begin} bytes, shape needs {nbytes}", tensor=name)
@@ -196,7 +196,7 @@ class SafetensorsStore(TensorStore):
                 # ACCESS_COPY: a private mapping, writable as torch wants, never written back.
                 region = mmap.mmap(self._fd, skip + end - begin, offset=aligned, access=mmap.ACCESS_COPY)
             except (OSError, ValueError) as exc:
-                raise InputError(f"cannot map tensor ({_short(exc)})", path=self.path, tensor=key) from exc
+                raise InputError(f"cannot map tensor ({first_line(exc)})", path=self.path, tensor=key) from exc
             flat = torch.frombuffer(region, dtype=torch.uint8, offset=skip, count=end - begin)
             return flat.view(dtype).reshape(shape)
         return self._pread(key, start, end - begin).view(dtype).reshape(shape)
@@ -256,7 +256,7 @@ class ShardedStore(TensorStore):
                 raise TypeError("weight_map is not an object")
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise InputError(
-                f"not a valid checkpoint index ({_short(exc)})",
+                f"not a valid checkpoint index ({first_line(exc)})",
                 path=index_path,
                 hint='expected JSON with {"weight_map": {tensor_name: shard_file}}',
             ) from exc
@@ -372,7 +372,7 @@ def _torch_load(path: Path) -> Any:
         raise InputError("not a readable PyTorch checkpoint (not a torch-saved state dict)", path=path) from exc
     except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile) as exc:
         raise InputError(
-            f"not a readable PyTorch checkpoint ({_short(exc)})",
+            f"not a readable PyTorch checkpoint ({first_line(exc)})",
             path=path,
             hint="the file may be truncated or corrupt",
         ) from exc
@@ -390,9 +390,3 @@ def _flatten_state(obj: Any, path: Path) -> dict[str, torch.Tensor]:
         if tensors:
             return tensors
     raise InputError("file holds no state dict of tensors", path=path)
-
-
-def _short(exc: BaseException) -> str:
-    """First line of an exception's message, for one-line errors."""
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__

@@ -49,3 +49,9 @@ class InputError(Exception):
             text += f" ({self.hint})"
         # One line, always: the CLI prints this verbatim.
         return " ".join(text.split())
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (at most 200 characters), for one-line errors."""
+    lines = str(exc).strip().splitlines()
+    return lines[0][:200] if lines else type(exc).__name__

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
@@ -73,6 +74,12 @@ def test_bin_is_memory_mapped_not_read_whole(tmp_path: Path, monkeypatch: pytest
     assert seen["weights_only"] is True and seen["mmap"] is True
 
 
+def _torch_bytes(obj: object) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
 class _Evil:
     def __reduce__(self):
         return (os.system, ("echo pwned > /dev/null",))
@@ -101,7 +108,8 @@ def test_truncated_safetensors_names_the_file(tmp_path: Path) -> None:
     [
         (b"\x00\x01garbage", "w.safetensors", "not a readable safetensors file"),
         (b"not a pickle at all", "w.bin", "not a readable PyTorch checkpoint"),
-        (pickle.dumps({"a": 1}), "w.pt", "not a readable PyTorch checkpoint|holds no state dict"),
+        (pickle.dumps({"a": 1}, protocol=2), "w.pt", "not a readable PyTorch checkpoint"),
+        (_torch_bytes({"epoch": 3, "note": "no tensors"}), "w.pth", "file holds no state dict of tensors"),
         (b"hello", "notes.txt", "unknown checkpoint format"),
         (b"{bad json", "model.safetensors.index.json", "not a valid checkpoint index"),
     ],

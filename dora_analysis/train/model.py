@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import InputError
+from ..errors import InputError, first_line
 from .layers import DoRALinear, LoRALinear, is_adaptable
 
 HEAD = "head"  # the task head's module name, PEFT's modules_to_save entry
@@ -50,7 +50,7 @@ def load_encoder(path: str | Path) -> Any:
         # float32 whatever the stored dtype: FT's direction change is only a few bf16 ulps.
         return AutoModel.from_pretrained(path, local_files_only=True, dtype=torch.float32)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise InputError(f"cannot load the model ({_first_line(exc)})", path=path) from exc
+        raise InputError(f"cannot load the model ({first_line(exc)})", path=path) from exc
     finally:
         if bar:
             hf_logging.enable_progress_bar()
@@ -65,7 +65,7 @@ def load_tokenizer(path: str | Path) -> Any:
         return AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise InputError(
-            f"no usable tokenizer in the model folder ({_first_line(exc)})",
+            f"no usable tokenizer in the model folder ({first_line(exc)})",
             path=path,
             hint="save the tokenizer beside the model with tokenizer.save_pretrained",
         ) from exc
@@ -160,11 +160,6 @@ class EncoderClassifier(nn.Module):
 
 def _device_of(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0][:200] if lines else type(exc).__name__
 
 
 # --- adapters ------------------------------------------------------------------------------------
