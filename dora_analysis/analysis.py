@@ -267,6 +267,30 @@ def summarize(df: pd.DataFrame, *, n_boot: int = 2000, seed: int = 0) -> pd.Data
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
 
 
+def magnitude_direction(df: pd.DataFrame) -> pd.DataFrame:
+    """Do the vectors grow or shrink? The signed magnitude change per run and matrix kind.
+
+    dM is an absolute change, so it cannot tell a fine-tune that lengthens rows from one that
+    shortens them; weight decay shortens them, and that drives the sign of the correlation.
+
+    Returns:
+        One row per (run, kind): ``n`` points, ``delta_m_signed`` (mean of m_t - m_0),
+        ``relative`` (that mean over the base norm), and ``shrink_share``, the share of points
+        whose vectors got shorter on average.
+    """
+    grouped = df.assign(
+        relative=df["delta_m_signed"] / df["base_norm"],
+        shrinks=(df["delta_m_signed"] < 0).astype(float),
+    ).groupby(["run", "method", "kind"], sort=False)
+    out = grouped.agg(
+        n=("delta_m_signed", "size"),
+        delta_m_signed=("delta_m_signed", "mean"),
+        relative=("relative", "mean"),
+        shrink_share=("shrinks", "mean"),
+    )
+    return out.reset_index()
+
+
 def base_path_for(tuned: PathLike) -> Path | None:
     """The local base model an adapter (or a run of adapters) names, if any."""
     from .adapters import base_path_of

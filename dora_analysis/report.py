@@ -368,6 +368,13 @@ _WITHIN_BETWEEN_TEXT = (
     "resamples whole matrices (a cluster bootstrap), because the checkpoints of one matrix are not independent."
 )
 
+_GROWTH_TEXT = (
+    "ΔM is an absolute change, so it does not say whether fine-tuning lengthens the vectors or "
+    "shortens them; the signed change does. AdamW's weight decay, for one, shortens them in proportion "
+    "to their norm: matrices with large norms then lose much magnitude while turning little, which "
+    "pushes the correlation negative."
+)
+
 
 def _finding(row: Mapping[str, object], paper: Mapping[str, float] | None) -> str:
     """One bullet: a run and kind, its r in words, slope, within/between parts, the paper's r."""
@@ -439,6 +446,23 @@ def _summary_table(summary: pd.DataFrame) -> Table:
     return Table(tuple(header), tuple(rows))
 
 
+def _growth_table(layers: pd.DataFrame) -> Table | None:
+    """Signed magnitude change per run and kind: do the vectors grow or shrink?"""
+    if not {"delta_m_signed", "base_norm"} <= set(layers.columns):
+        return None
+    from .analysis import magnitude_direction
+
+    rows = []
+    for row in magnitude_direction(layers).to_dict("records"):
+        share = _get(row, "shrink_share")
+        verdict = "shrink" if share == 1 else "grow" if share == 0 else f"shrink in {share:.0%} of points"
+        rows.append((
+            str(row["run"]), plotting.method_label(str(row["method"])), str(row["kind"]),
+            _num(row["delta_m_signed"], "+.3g"), _num(100 * _get(row, "relative"), "+.3g") + "%", verdict,
+        ))  # fmt: skip
+    return Table(("run", "method", "kind", "mean m_t - m_0", "relative to base norm", "vectors"), tuple(rows))
+
+
 def _findings(summary: pd.DataFrame, paper: Mapping[str, float] | None) -> Bullets:
     """A bullet per run and kind; the pooled row only where a run has several kinds."""
     items = []
@@ -473,6 +497,9 @@ def _blocks(
                 Paragraph("The paper's figure 2 reports Pearson r over the query matrices of 6 layers at 4 checkpoints; the measured r is for the kind named, pooled over layers and checkpoints."),
                 table,
             ]
+    growth = _growth_table(layers)
+    if growth is not None and growth.rows:
+        blocks += [Heading("Do the vectors grow or shrink?"), Paragraph(_GROWTH_TEXT), growth]
     blocks += [Heading("Summary"), _summary_table(summary)]
     if figures:
         blocks += [Heading("Figures"), *figures]

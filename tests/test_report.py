@@ -158,3 +158,19 @@ def test_unknown_format(tmp_path: Path, tables: tuple) -> None:
 )
 def test_describe_correlation(r: float, ci: tuple[float, float], expected: str) -> None:
     assert describe_correlation(r, ci_low=ci[0], ci_high=ci[1]) == expected
+
+
+def test_report_says_whether_vectors_grow_or_shrink(tmp_path: Path) -> None:
+    layers = make_layers(kinds=("query",))
+    # FT rows shrink everywhere, LoRA rows grow everywhere, DoRA: one layer of four shrinks.
+    layers["delta_m_signed"] = 0.01
+    layers.loc[layers["method"] == "ft", "delta_m_signed"] = -0.02
+    layers.loc[(layers["method"] == "dora") & (layers["layer"] == 0), "delta_m_signed"] = -0.01
+    layers["base_norm"] = 2.0
+    write_report(tmp_path, layers, summarize(layers, n_boot=0), plots=False)
+    text = (tmp_path / "report.md").read_text()
+    section = text.split("## Do the vectors grow or shrink?")[1].split("## ")[0]
+    rows = {line.split("|")[1].strip(): line for line in section.splitlines() if line.startswith("| ") and "run" not in line}
+    assert rows["ft"].rstrip(" |").endswith("shrink") and "-0.02" in rows["ft"] and "-1%" in rows["ft"]
+    assert rows["lora"].rstrip(" |").endswith("grow") and "+0.5%" in rows["lora"]
+    assert "shrink in 25% of points" in rows["dora"]
