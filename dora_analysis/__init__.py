@@ -21,6 +21,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "analyze": "analysis",
     "summarize": "analysis",
+    "magnitude_direction": "analysis",
     "compare": "decompose",
     "magnitude": "decompose",
     "delta_magnitude": "decompose",
@@ -30,7 +31,7 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 if TYPE_CHECKING:
-    from .analysis import analyze, summarize
+    from .analysis import analyze, magnitude_direction, summarize
     from .decompose import compare, delta_direction, delta_magnitude, magnitude
     from .errors import InputError
 
