@@ -72,7 +72,8 @@ def measure(out: Path, seeds: tuple[int, ...], *, progress: bool = True) -> list
 def format_table(rows: list[tuple[Variant, dict[str, list[float]]]], seeds: tuple[int, ...]) -> str:
     """A Markdown table: per method, r for each seed; a check where the paper's sign holds on every seed."""
     methods = list(REFERENCE.methods)
-    head = "| variant | " + " | ".join(f"{m.upper()} r (paper {PAPER_R[m]:+.2f})" for m in methods) + " | paper's signs on every seed |"
+    label = {"ft": "FT", "lora": "LoRA", "dora": "DoRA"}
+    head = "| variant | " + " | ".join(f"{label.get(m, m)} r (paper {PAPER_R[m]:+.2f})" for m in methods) + " | paper's signs on every seed |"
     lines = [f"Pearson r of dM vs dD, query matrices, seeds {' / '.join(map(str, seeds))}", "", head, "|" + "---|" * (len(methods) + 2)]
     for v, by_method in rows:
         cells, all_ok = [], True
