@@ -158,7 +158,7 @@ def analyze(
         >>> df = analyze("base/", ["runs/ft", "runs/dora"], modules=r"attention\\.self\\.query")
         >>> summarize(df)[["run", "kind", "pearson_r"]]
     """
-    store = base if isinstance(base, TensorStore) else open_checkpoint(base)
+    store = base if isinstance(base, TensorStore) else _open_base(base)
     runs = open_runs(tuned, method=method, steps=steps, last=last, dora_scale_axis=dora_scale_axis)
     shapes = {k: store.shape(k) for k in store.keys()}
     selected = nm.select(shapes, modules, include_all=all_modules)
@@ -194,6 +194,18 @@ def analyze(
     df = df.assign(_r=df["run"].map(run_order), _m=df["module"].map(module_order))
     df = df.sort_values(["_r", "step", "_m"], kind="stable")
     return df[LAYER_COLUMNS].reset_index(drop=True)
+
+
+def _open_base(path: PathLike) -> TensorStore:
+    """The base model's checkpoint; an adapter given as the base is a mistake worth naming."""
+    folder = Path(path)
+    if (folder / "adapter_config.json").is_file() or folder.name.startswith("adapter_model."):
+        raise InputError(
+            "BASE is an adapter, not a model",
+            path=folder,
+            hint="give the base model it was trained on first, then the adapter",
+        )
+    return open_checkpoint(folder)
 
 
 def _stored_transposed(name: str, model_type: str | None, jobs: list[_Job]) -> bool:

@@ -67,11 +67,14 @@ def _run_cli(*args: str) -> subprocess.CompletedProcess[str]:
         (lambda b, r, t: [str(b), str(r), "--modules", "zzz"], "no tensor matches --modules 'zzz'"),
         (lambda b, r, t: [str(b), str(r), "--steps", "x"], "--steps takes comma-separated integers"),
         (lambda b, r, t: [str(t / "notes.txt")], "names no local base model"),
+        (lambda b, r, t: [str(t / "adapter"), str(r)], "adapter: BASE is an adapter, not a model"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_no_traceback(setup: tuple[Path, Path], tmp_path: Path, make_args, message: str) -> None:
     base, run = setup
     (tmp_path / "notes.txt").write_text("hello")
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
     res = _run_cli(*make_args(base, run, tmp_path), "--out", str(tmp_path / "out"))
     assert res.returncode == 2, res.stderr
     lines = res.stderr.strip().splitlines()
