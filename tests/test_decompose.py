@@ -167,3 +167,18 @@ def test_shape_mismatch_and_vectors() -> None:
         compare(torch.zeros(2, 3), torch.zeros(3, 2))
     with pytest.raises(ValueError, match="at least 2 dimensions"):
         as_vectors(torch.zeros(3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_column_vectors_read_in_storage_order_match_rows_of_the_transpose(dtype: torch.dtype) -> None:
+    """Vectors that are columns (fan_in_fan_out, axis="in") are summed without transposing:
+    same numbers as rows of the explicit transpose, across many row blocks."""
+    w0 = torch.randn(2000, 40).to(dtype)  # 2000 rows: more than one block of 819
+    w = (w0.float() + 0.1 * torch.randn(2000, 40)).to(dtype)
+    w[:, 5] = 0  # a zero column: left out of dD on both paths
+    by_columns = compare(w0, w, fan_in_fan_out=True)
+    by_rows = compare(w0.T.contiguous(), w.T.contiguous())
+    assert by_columns.zero_rows == by_rows.zero_rows == 1
+    for field in ("rows", "cols", "delta_m", "delta_d", "delta_m_signed", "base_norm"):
+        assert getattr(by_columns, field) == pytest.approx(getattr(by_rows, field), rel=1e-12), field
+    assert compare(w0, w, axis="in").delta_d == pytest.approx(by_rows.delta_d, rel=1e-12)
