@@ -267,25 +267,23 @@ class ShardedStore(TensorStore):
                 raise InputError("shard listed in the index is missing", path=index_path.parent / shard)
 
     def _shard(self, key: str) -> TensorStore:
+        """The opened shard that holds ``key``; the index's claim is checked against it."""
         name = self._weight_map[key]
         if name not in self._shards:
             self._shards[name] = open_file(self.path.parent / name)
-        return self._shards[name]
+        shard = self._shards[name]
+        if key not in shard:
+            raise InputError("tensor listed in the index is missing from its shard", path=shard.path, tensor=key)
+        return shard
 
     def keys(self) -> list[str]:
         return list(self._weight_map)
 
     def shape(self, key: str) -> tuple[int, ...]:
-        shard = self._shard(key)
-        if key not in shard:
-            raise InputError("tensor listed in the index is missing from its shard", path=shard.path, tensor=key)
-        return shard.shape(key)
+        return self._shard(key).shape(key)
 
     def _read(self, key: str) -> torch.Tensor:
-        shard = self._shard(key)
-        if key not in shard:
-            raise InputError("tensor listed in the index is missing from its shard", path=shard.path, tensor=key)
-        return shard.get(key)
+        return self._shard(key).get(key)
 
 
 def open_file(path: Path) -> TensorStore:

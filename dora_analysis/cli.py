@@ -162,13 +162,14 @@ def _run(args: argparse.Namespace) -> int:
 
 def _check_sign(summary: pd.DataFrame, expect: str | None) -> int:
     """Exit status for ``--expect-sign``: 1 with a one-line reason per failing run."""
+    from .stats import has_sign
+
     if expect is None:
         return 0
     failed = 0
     for _, row in summary[summary["kind"] == "all"].iterrows():
         r = row["pearson_r"]
-        ok = math.isfinite(r) and (r > 0 if expect == "positive" else r < 0)
-        if not ok:
+        if not has_sign(r, +1 if expect == "positive" else -1):
             failed += 1
             print(f"{PROG}: sign check failed: run {row['run']}: pearson r = {r:+.3f} over {row['n']} points, expected {expect}", file=sys.stderr)
     return 1 if failed else 0

@@ -124,6 +124,13 @@ def _one_cpu_thread(device: torch.device) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def _block_rows(weight: torch.Tensor) -> int:
+    """Rows per block: two float64 rows of the pair buffer per row, within the device's budget."""
+    k, d = weight.shape
+    budget = _BLOCK_ELEMENTS.get(weight.device.type, _BLOCK_ELEMENTS["cuda"])
+    return min(k, max(_MIN_BLOCK_ROWS, budget // max(2 * d, 1)))
+
+
 def _sums(base: torch.Tensor, tuned: torch.Tensor, *, rows: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """|w0|^2, |w|^2 and w0.w of every vector, in float64: the rows or the columns of ``base``."""
     return _row_sums(base, tuned) if rows else _column_sums(base, tuned)
@@ -132,8 +139,7 @@ def _sums(base: torch.Tensor, tuned: torch.Tensor, *, rows: bool) -> tuple[torch
 def _column_sums(base: torch.Tensor, tuned: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """As :func:`_row_sums` for the columns, reading the rows in order and accumulating."""
     k, d = base.shape
-    budget = _BLOCK_ELEMENTS.get(base.device.type, _BLOCK_ELEMENTS["cuda"])
-    block = min(k, max(_MIN_BLOCK_ROWS, budget // max(2 * d, 1)))
+    block = _block_rows(base)
     sums = torch.zeros(3, d, dtype=torch.float64, device=base.device)
     pair = torch.empty(2, block, d, dtype=torch.float64, device=base.device)
     for start in range(0, k, block):
@@ -155,8 +161,7 @@ def _row_sums(base: torch.Tensor, tuned: torch.Tensor) -> tuple[torch.Tensor, to
     ``[[|b|^2, b.t], [b.t, |t|^2]]``. One pass over the data instead of six.
     """
     k, d = base.shape
-    budget = _BLOCK_ELEMENTS.get(base.device.type, _BLOCK_ELEMENTS["cuda"])
-    block = min(k, max(_MIN_BLOCK_ROWS, budget // max(2 * d, 1)))
+    block = _block_rows(base)
     gram = torch.empty(k, 2, 2, dtype=torch.float64, device=base.device)
     pair = torch.empty(block, 2, d, dtype=torch.float64, device=base.device)
     for start in range(0, k, block):

@@ -145,11 +145,13 @@ def train_runs(ref: Reference, out: Path, seeds: tuple[int, ...], *, progress: b
 
 def sign_failures(summary: pd.DataFrame, expected: dict[str, int] = EXPECTED_SIGN) -> list[str]:
     """One line per run whose pooled r does not have the paper's sign."""
+    from .stats import has_sign
+
     failures = []
     for _, row in summary[summary["kind"] == "all"].iterrows():
         want = expected.get(str(row["method"]))
         r = float(row["pearson_r"])
-        if want is not None and not (math.isfinite(r) and r * want > 0):
+        if want is not None and not has_sign(r, want):
             failures.append(f"{row['run']}: r = {r:+.3f}, the paper's sign is {'positive' if want > 0 else 'negative'}")
     return failures
 
@@ -193,12 +195,14 @@ def reproduce(
 
 def format_comparison(summary: pd.DataFrame, paper: dict[str, float] = PAPER_R) -> str:
     """Measured r per method (each seed, and their mean) next to the paper's."""
+    from .stats import has_sign
+
     pooled = summary[summary["kind"] == "all"]
     lines = [f"{'method':8s} {'paper r':>8s} {'measured r (per seed)':>28s} {'mean':>7s}  sign"]
     for method, rows in pooled.groupby("method", sort=False):
         rs = rows["pearson_r"].to_list()
         want = EXPECTED_SIGN.get(str(method), 0)
-        ok = all(math.isfinite(r) and r * want > 0 for r in rs)
+        ok = all(has_sign(r, want) for r in rs)
         per_seed = " ".join(f"{r:+.2f}" for r in rs)
         lines.append(f"{method:8s} {paper.get(str(method), math.nan):+8.2f} {per_seed:>28s} {sum(rs) / len(rs):+7.2f}  {'as paper' if ok else 'DIFFERS'}")
     return "\n".join(lines)

@@ -56,10 +56,14 @@ def measure(out: Path, seeds: tuple[int, ...], *, progress: bool = True) -> list
     from .train import default_model_path
 
     base = default_model_path()
+    # Several variants only re-analyse the same runs: train (or check) each set of runs once.
+    trained: dict[str, list[Path]] = {}
     rows = []
     for v in variants():
         t0 = time.perf_counter()
-        run_dirs = train_runs(v.ref, out / v.runs_dir, seeds, progress=progress)
+        if v.runs_dir not in trained:
+            trained[v.runs_dir] = train_runs(v.ref, out / v.runs_dir, seeds, progress=progress)
+        run_dirs = trained[v.runs_dir]
         layers = analyze(base, run_dirs, modules=v.ref.modules, steps=v.steps, axis=v.axis, progress=False)  # type: ignore[arg-type]
         pooled = summarize(layers, n_boot=0).query("kind == 'all'")
         by_method = {m: part["pearson_r"].to_list() for m, part in pooled.groupby("method", sort=False)}
@@ -71,6 +75,8 @@ def measure(out: Path, seeds: tuple[int, ...], *, progress: bool = True) -> list
 
 def format_table(rows: list[tuple[Variant, dict[str, list[float]]]], seeds: tuple[int, ...]) -> str:
     """A Markdown table: per method, r for each seed; a check where the paper's sign holds on every seed."""
+    from .stats import has_sign
+
     methods = list(REFERENCE.methods)
     label = {"ft": "FT", "lora": "LoRA", "dora": "DoRA"}
     head = "| variant | " + " | ".join(f"{label.get(m, m)} r (paper {PAPER_R[m]:+.2f})" for m in methods) + " | paper's signs on every seed |"
@@ -79,7 +85,7 @@ def format_table(rows: list[tuple[Variant, dict[str, list[float]]]], seeds: tupl
         cells, all_ok = [], True
         for m in methods:
             rs = by_method.get(m, [])
-            ok = bool(rs) and all(r * EXPECTED_SIGN[m] > 0 for r in rs)
+            ok = bool(rs) and all(has_sign(r, EXPECTED_SIGN[m]) for r in rs)
             all_ok &= ok
             cells.append(" / ".join(f"{r:+.2f}" for r in rs))
         lines.append(f"| {v.name} | " + " | ".join(cells) + f" | {'yes' if all_ok else 'no'} |")

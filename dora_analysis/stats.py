@@ -183,6 +183,11 @@ def correlate(x: ArrayLike, y: ArrayLike, groups: ArrayLike, *, n_boot: int = 20
     )
 
 
+def has_sign(r: float, sign: int) -> bool:
+    """True if ``r`` is finite and strictly on the side of zero that ``sign`` (+1 or -1) names."""
+    return math.isfinite(r) and r * sign > 0
+
+
 def strength(r: float) -> str:
     """A plain-language reading of r: 'strong negative', 'weak positive', 'none'..."""
     if not math.isfinite(r):
