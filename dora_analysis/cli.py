@@ -8,12 +8,8 @@ instant.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -154,6 +150,8 @@ def _run(args: argparse.Namespace) -> int:
         print()
         print(format_layers(layers))
     if args.out is not None:
+        from .outputs import write_outputs
+
         written = write_outputs(args.out, layers, summary, fmt=args.format, plots=not args.no_plots)
         if not args.quiet:
             print(f"\nwrote {len(written)} files to {args.out}/ (report: {args.out / 'report.md'})")
@@ -209,47 +207,6 @@ def format_layers(layers: pd.DataFrame, *, max_rows: int = 60) -> str:
     if len(lines) > max_rows:
         lines = lines[:max_rows] + [f"... ({len(lines) - max_rows} more lines in layers.csv)"]
     return "dD / dM per layer at each run's last step\n" + "\n".join(lines)
-
-
-def write_outputs(
-    out: Path,
-    layers: pd.DataFrame,
-    summary: pd.DataFrame,
-    *,
-    fmt: str = "png",
-    plots: bool = True,
-    paper: dict[str, float] | None = None,
-    title: str | None = None,
-) -> list[Path]:
-    """Write every output into ``out``, all or nothing.
-
-    Files: ``layers.csv``, ``summary.csv``, ``summary.json``, and the report
-    (:func:`dora_analysis.report.write_report`: ``report.md``, ``report.html``, ``figures/``).
-
-    Everything is first written to a staging folder beside ``out``; only when all of it is
-    there is each entry renamed into place, so a failure never leaves half-written files.
-    """
-    from .report import write_report
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
-    try:
-        layers.to_csv(staging / "layers.csv", index=False)
-        summary.to_csv(staging / "summary.csv", index=False)
-        records = json.loads(summary.to_json(orient="records"))
-        (staging / "summary.json").write_text(json.dumps({"runs": records}, indent=2) + "\n")
-        write_report(staging, layers, summary, fmt=fmt, plots=plots, paper=paper, title=title)
-        out.mkdir(parents=True, exist_ok=True)
-        written = []
-        for entry in sorted(staging.iterdir()):
-            target = out / entry.name
-            if target.is_dir() and not target.is_symlink():
-                shutil.rmtree(target)
-            os.replace(entry, target)
-            written.extend([target] if target.is_file() else sorted(p for p in target.rglob("*") if p.is_file()))
-        return written
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from . import stats
+from .paper import METHOD_ORDER, method_label
 
 # Axis and legend labels for the analyzer's columns; ΔD / ΔM as in the paper.
 LABELS: dict[str, str] = {
@@ -48,9 +49,6 @@ LABELS: dict[str, str] = {
     "layer": "layer",
 }
 
-# Display names of the methods, and the paper's figure 2 order, left to right.
-METHOD_LABELS: dict[str, str] = {"ft": "FT", "lora": "LoRA", "dora": "DoRA", "vera": "VeRA", "dvora": "DVoRA"}
-METHOD_ORDER: tuple[str, ...] = ("ft", "lora", "dora")
 
 # Sequential palettes: checkpoints and layers are ordered, so their colours should be too.
 STEP_PALETTE = "viridis_r"
@@ -66,11 +64,6 @@ Palette = str | Sequence[Any] | Mapping[Any, Any] | None
 # --------------------------------------------------------------------------------------------
 # Labels and ordering
 # --------------------------------------------------------------------------------------------
-
-
-def method_label(method: str) -> str:
-    """Display name of a method: ``"lora"`` -> ``"LoRA"``; unknown methods are returned as is."""
-    return METHOD_LABELS.get(str(method).lower(), str(method))
 
 
 def run_label(run: str, method: str | None = None) -> str:

@@ -34,15 +34,12 @@ from matplotlib.figure import Figure
 
 from . import __version__
 from . import plots as plotting
-from .stats import strength
+from .paper import PAPER_R, is_paper_kind, method_label
+from .stats import has_sign, strength
 
 FORMATS = ("png", "svg", "pdf")
 DPI = 150
 
-# The paper's figure 2 shows the query matrices; these kinds are "the query" in common models.
-PAPER_KINDS = ("query", "q_proj", "q", "to_q", "q_lin")
-# The paper's figure 2 correlations (Liu et al., ICML 2024), for ``paper=PAPER_R``.
-PAPER_R: dict[str, float] = {"ft": -0.62, "lora": 0.83, "dora": -0.31}
 
 # Files the CLI writes beside the report; linked when present, never assumed.
 DATA_FILES = {
@@ -338,7 +335,7 @@ def _plural(n: int, word: str, plural: str | None = None) -> str:
 def _overview(layers: pd.DataFrame) -> str:
     runs = plotting.run_order(layers)
     method_of = dict(zip(layers["run"], layers["method"]))
-    names = ", ".join(f"`{r}` ({plotting.method_label(method_of[r])})" for r in runs)
+    names = ", ".join(f"`{r}` ({method_label(method_of[r])})" for r in runs)
     kinds = ", ".join(f"`{k}`" for k in sorted(map(str, layers["kind"].unique())))
     steps = layers.groupby("run")["step"].nunique()
     step_text = f"{steps.min()}" if steps.min() == steps.max() else f"{steps.min()} to {steps.max()}"
@@ -405,7 +402,7 @@ def _paper_value(paper: Mapping[str, float] | None, row: Mapping[str, object]) -
 def _paper_row(rows: pd.DataFrame) -> pd.Series:
     """The summary row of a run that matches the paper's figure 2: its query matrices, else all."""
     for kind in rows["kind"]:
-        if str(kind).split(".")[-1] in PAPER_KINDS:
+        if is_paper_kind(kind):
             return rows[rows["kind"] == kind].iloc[0]
     return rows[rows["kind"] == "all"].iloc[0] if (rows["kind"] == "all").any() else rows.iloc[0]
 
@@ -418,8 +415,8 @@ def _paper_table(summary: pd.DataFrame, paper: Mapping[str, float]) -> Table:
         if ref is None:
             continue
         r = _get(row, "pearson_r")
-        agrees = "n/a" if not math.isfinite(r) else ("yes" if (r > 0) == (ref > 0) else "no")
-        rows.append((str(run), plotting.method_label(str(row["method"])), str(row["kind"]), _r(r), _r(ref), agrees))
+        agrees = "n/a" if not math.isfinite(r) else ("yes" if has_sign(r, 1 if ref > 0 else -1) else "no")
+        rows.append((str(run), method_label(str(row["method"])), str(row["kind"]), _r(r), _r(ref), agrees))
     return Table(("run", "method", "kind", "measured r", "paper r (fig. 2)", "same sign"), tuple(rows))
 
 
@@ -434,7 +431,7 @@ def _summary_table(summary: pd.DataFrame) -> Table:
     header += ["reading"]
     rows = []
     for row in summary.to_dict("records"):
-        cells = [str(row["run"]), plotting.method_label(str(row["method"])), str(row["kind"]), str(row["n"]), _r(row["pearson_r"])]
+        cells = [str(row["run"]), method_label(str(row["method"])), str(row["kind"]), str(row["n"]), _r(row["pearson_r"])]
         if has_ci:
             lo, hi = _get(row, "r_ci_low"), _get(row, "r_ci_high")
             cells.append(f"[{_r(lo)}, {_r(hi)}]" if math.isfinite(lo) and math.isfinite(hi) else "n/a")
@@ -457,7 +454,7 @@ def _growth_table(layers: pd.DataFrame) -> Table | None:
         share = _get(row, "shrink_share")
         verdict = "shrink" if share == 1 else "grow" if share == 0 else f"shrink in {share:.0%} of points"
         rows.append((
-            str(row["run"]), plotting.method_label(str(row["method"])), str(row["kind"]),
+            str(row["run"]), method_label(str(row["method"])), str(row["kind"]),
             _num(row["delta_m_signed"], "+.3g"), _num(100 * _get(row, "relative"), "+.3g") + "%", verdict,
         ))  # fmt: skip
     return Table(("run", "method", "kind", "mean m_t - m_0", "relative to base norm", "vectors"), tuple(rows))

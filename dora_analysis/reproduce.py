@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .console import run_main
+from .paper import EXPECTED_SIGN, PAPER_R
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -28,9 +29,6 @@ if TYPE_CHECKING:
 
 PROG = "dora-reproduce"
 
-# Figure 2 of Liu et al. (ICML 2024), query matrices: the numbers to compare against.
-PAPER_R: dict[str, float] = {"ft": -0.62, "lora": 0.83, "dora": -0.31}
-EXPECTED_SIGN: dict[str, int] = {"ft": -1, "lora": +1, "dora": -1}
 
 
 @dataclass(frozen=True)
@@ -178,7 +176,7 @@ def reproduce(
         The analysis, its summary, and the sign checks that failed (empty if all hold).
     """
     from .analysis import analyze, summarize
-    from .cli import write_outputs
+    from .outputs import write_outputs
     from .train import default_model_path
 
     out = Path(out)

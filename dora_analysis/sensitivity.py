@@ -18,7 +18,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .console import run_main
-from .reproduce import EXPECTED_SIGN, PAPER_R, REFERENCE, Reference, train_runs
+from .paper import EXPECTED_SIGN, PAPER_R, method_label
+from .reproduce import REFERENCE, Reference, train_runs
 
 EVERY_15 = tuple(range(15, 241, 15))
 
@@ -78,8 +79,7 @@ def format_table(rows: list[tuple[Variant, dict[str, list[float]]]], seeds: tupl
     from .stats import has_sign
 
     methods = list(REFERENCE.methods)
-    label = {"ft": "FT", "lora": "LoRA", "dora": "DoRA"}
-    head = "| variant | " + " | ".join(f"{label.get(m, m)} r (paper {PAPER_R[m]:+.2f})" for m in methods) + " | paper's signs on every seed |"
+    head = "| variant | " + " | ".join(f"{method_label(m)} r (paper {PAPER_R[m]:+.2f})" for m in methods) + " | paper's signs on every seed |"
     lines = [f"Pearson r of dM vs dD, query matrices, seeds {' / '.join(map(str, seeds))}", "", head, "|" + "---|" * (len(methods) + 2)]
     for v, by_method in rows:
         cells, all_ok = [], True
