@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from dora_analysis.adapters import base_path_of, open_adapter
 from dora_analysis.analysis import analyze
 from dora_analysis.checkpoints import open_checkpoint
-from dora_analysis.cli import main
+from dora_analysis.cli.analyze import main
 from dora_analysis.errors import InputError
 
 P = "base_model.model."  # PEFT's key prefix

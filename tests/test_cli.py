@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from dora_analysis import cli
-from dora_analysis.cli import main
+from dora_analysis.cli.analyze import main
 
 from .conftest import write_trainer_state
 

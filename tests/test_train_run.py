@@ -126,7 +126,7 @@ def test_analyzer_reads_the_run(runs: dict[str, TrainResult], tiny_base: Path, m
 
 @pytest.mark.parametrize("method", METHODS)
 def test_dora_analyze_cli_reads_the_run(runs: dict[str, TrainResult], tiny_base: Path, method: str, capsys: pytest.CaptureFixture[str]) -> None:
-    from dora_analysis.cli import main as analyze_main
+    from dora_analysis.cli.analyze import main as analyze_main
 
     run = runs[method].run_dir
     assert analyze_main([str(tiny_base), str(run), "--quiet"]) == 0

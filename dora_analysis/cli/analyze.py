@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .console import run_main
+from ..console import run_main
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parse_steps(text: str | None) -> list[int] | None:
-    from .errors import InputError
+    from ..errors import InputError
 
     if text is None:
         return None
@@ -89,8 +89,8 @@ def _parse_steps(text: str | None) -> list[int] | None:
 
 def _resolve_paths(paths: list[str]) -> tuple[Path, list[Path]]:
     """BASE and TUNED paths; a lone adapter path names its base in its config."""
-    from .analysis import base_path_for
-    from .errors import InputError
+    from ..analysis import base_path_for
+    from ..errors import InputError
 
     if len(paths) >= 2:
         return Path(paths[0]), [Path(p) for p in paths[1:]]
@@ -113,10 +113,10 @@ def _run(args: argparse.Namespace) -> int:
     matplotlib.use("Agg")  # a command-line run never opens a window
     import torch
 
-    from . import names as nm
-    from .analysis import analyze, summarize
-    from .checkpoints import open_checkpoint
-    from .errors import InputError
+    from .. import names as nm
+    from ..analysis import analyze, summarize
+    from ..checkpoints import open_checkpoint
+    from ..errors import InputError
 
     base, tuned = _resolve_paths(args.paths)
     if args.last is not None and args.last < 1:
@@ -150,7 +150,7 @@ def _run(args: argparse.Namespace) -> int:
         print()
         print(format_layers(layers))
     if args.out is not None:
-        from .outputs import write_outputs
+        from ..outputs import write_outputs
 
         written = write_outputs(args.out, layers, summary, fmt=args.format, plots=not args.no_plots)
         if not args.quiet:
@@ -160,7 +160,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _check_sign(summary: pd.DataFrame, expect: str | None) -> int:
     """Exit status for ``--expect-sign``: 1 with a one-line reason per failing run."""
-    from .stats import has_sign
+    from ..stats import has_sign
 
     if expect is None:
         return 0
@@ -175,7 +175,7 @@ def _check_sign(summary: pd.DataFrame, expect: str | None) -> int:
 
 def format_summary(summary: pd.DataFrame) -> str:
     """The summary as a readable table: r, its interval, rho, slope, n per run and kind."""
-    from .stats import strength
+    from ..stats import strength
 
     t = summary.copy()
     t["r"] = t["pearson_r"].map(lambda v: f"{v:+.3f}" if math.isfinite(v) else "n/a")
