@@ -56,7 +56,7 @@ def test_expect_sign_is_a_regression_check(setup: tuple[Path, Path], capsys: pyt
 
 
 def _run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "dora_analysis.cli", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "dora_analysis.cli.analyze", *args], capture_output=True, text=True, timeout=120)
 
 
 @pytest.mark.parametrize(
@@ -126,7 +126,7 @@ def test_help_is_fast_and_lists_the_quick_start() -> None:
     text = cli.build_parser().format_help()
     assert "quick start" in text and "--expect-sign" in text
     res = subprocess.run(
-        [sys.executable, "-c", "import sys, dora_analysis.cli as c; c.build_parser(); print('torch' in sys.modules)"],
+        [sys.executable, "-c", "import sys, dora_analysis.cli.analyze as c; c.build_parser(); print('torch' in sys.modules)"],
         capture_output=True, text=True,
     )  # fmt: skip
     assert res.returncode == 0 and res.stdout.strip() == "False", "building the parser imported torch"
