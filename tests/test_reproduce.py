@@ -13,7 +13,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from dora_analysis.reproduce import EXPECTED_SIGN, PAPER_R, REFERENCE, format_comparison, main, reproduce, sign_failures
+from dora_analysis.cli.reproduce import main
+from dora_analysis.experiments.reproduction import REFERENCE, format_comparison, reproduce, sign_failures
+from dora_analysis.paper import EXPECTED_SIGN, PAPER_R
 
 # Seed 2 is the CI seed: every method's r is at least 0.45 from zero there (measured:
 # FT -0.45, LoRA +0.97, DoRA -0.48), so a float difference between CPUs cannot flip it.

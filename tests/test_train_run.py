@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from dora_analysis.train import EncoderClassifier, TrainConfig, TrainResult, merged_state_dict, train
 from dora_analysis.train.checkpoint import MetricsLog
-from dora_analysis.train.cli import main
+from dora_analysis.cli.train import build_parser, config_from_args, main
 from dora_analysis.train.data import ADJECTIVES, NOUNS
 
 METHODS = ("ft", "lora", "dora")
@@ -220,7 +220,7 @@ def test_interrupted_ft_run_resumes_bit_for_bit(runs: dict[str, TrainResult], ti
 _KILL_SCRIPT = """
 import os, signal, sys
 from dora_analysis.train import checkpoint
-from dora_analysis.train.cli import main
+from dora_analysis.cli.train import main
 
 real = checkpoint.CheckpointWriter._save_weights
 
@@ -322,3 +322,22 @@ def test_cli_help(capsys: pytest.CaptureFixture[str]) -> None:
         main(["--help"])
     assert exit_.value.code == 0
     assert "--save-steps" in capsys.readouterr().out
+
+
+def test_cli_options_are_the_config_fields(tmp_path: Path) -> None:
+    """Generated from TrainConfig: the defaults are the dataclass's, and every flag sets its field."""
+    parser = build_parser()
+    assert config_from_args(parser.parse_args(["--method", "dora", "--out", str(tmp_path)])) == TrainConfig(method="dora", out=tmp_path)
+    argv = ["--method", "lora", "--out", str(tmp_path), "--negation-p", "0.4", "--flip-p", "0.1", "--noise", "sentence",
+            "--words", "common", "-r", "4", "--rslora", "--targets", "query, key", "--save-steps", "20,10", "--quiet"]  # fmt: skip
+    cfg = config_from_args(parser.parse_args(argv))
+    assert (cfg.synthetic_negation_p, cfg.synthetic_flip_p, cfg.synthetic_noise, cfg.synthetic_words) == (0.4, 0.1, "sentence", "common")
+    assert (cfg.rank, cfg.rslora, cfg.targets, cfg.save_steps, cfg.progress) == (4, True, ("query", "key"), (10, 20), False)
+    text = " ".join(parser.format_help().split())  # unwrapped
+    assert "(default 4000)" in text and "(default query,value)" in text and "{example,sentence}" in text
+
+
+def test_cli_help_does_not_import_torch() -> None:
+    code = "import sys, dora_analysis.cli.train as c; c.build_parser(); print('torch' in sys.modules)"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "False", res.stderr

@@ -29,6 +29,7 @@ import torch
 from .. import names as nm
 from ..checkpoints import TensorStore
 from ..errors import InputError
+from ..peft_format import lora_scale
 from .merge import FeatureAxis
 from .snapshot import AdapterSnapshot, Target, pair_shapes
 
@@ -172,7 +173,7 @@ class KohyaLora(AdapterSnapshot):
             in_features=inp,
             down=down,
             up=up,
-            scale=self._alpha(params, rank) / rank,
+            scale=lora_scale(self._alpha(params, rank), rank, rslora=False),
             magnitude=magnitude,
             magnitude_axis=axis,
             kernel=kernel,

@@ -128,8 +128,3 @@ class LowRankUpdate:
         """
         b0 = bias.float()
         return b0 if self.bias is None else b0 + self.bias.to(b0.device).float() * self.scale
-
-
-def lora_scale(alpha: float, rank: int, *, rslora: bool) -> float:
-    """s = alpha / r, or alpha / sqrt(r) with rsLoRA (PEFT ``LoraLayer.update_layer``)."""
-    return alpha / math.sqrt(rank) if rslora else alpha / rank

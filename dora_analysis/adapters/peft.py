@@ -35,11 +35,8 @@ from typing import Any, ClassVar, TypeVar
 from .. import names as nm
 from ..checkpoints import TensorStore
 from ..errors import InputError
-from .merge import lora_scale
+from ..peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, lora_scale
 from .snapshot import AdapterSnapshot, Target, pair_shapes
-
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 
 # PEFT types that learn virtual tokens or prefixes and leave every weight as it was.
 WEIGHT_FREE_TYPES = frozenset(

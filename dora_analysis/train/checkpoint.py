@@ -37,6 +37,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..errors import InputError
+from ..peft_format import ADAPTER_CONFIG, ADAPTER_SAFETENSORS, LORA_A, LORA_B, MAGNITUDE, peft_key
 from ..runs import checkpoint_dirs
 from .layers import DoRALinear
 from .model import HEAD, EncoderClassifier, adapter_layers
@@ -45,15 +46,10 @@ RUN_CONFIG = "run_config.json"
 METRICS = "metrics.csv"
 TRAINER_STATE = "trainer_state.json"
 FULL_WEIGHTS = "model.safetensors"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 # Hugging Face Trainer's names: the analyzer's checkpoint finder already skips them.
 OPTIMIZER, SCHEDULER, RNG_STATE = "optimizer.pt", "scheduler.pt", "rng_state.pth"
 RESUME_FILES = (OPTIMIZER, SCHEDULER, RNG_STATE)
 METRIC_COLUMNS = ("step", "loss", "learning_rate", "accuracy", "eval_loss", "eval_accuracy")
-
-# PEFT's prefix for the wrapped model's modules in adapter files.
-PEFT_PREFIX = "base_model.model."
 
 
 # --- atomic writes -------------------------------------------------------------------------------
@@ -211,13 +207,12 @@ def adapter_tensors(model: EncoderClassifier) -> dict[str, torch.nn.Parameter]:
     """
     out: dict[str, torch.nn.Parameter] = {}
     for path, layer in adapter_layers(model).items():
-        prefix = f"{PEFT_PREFIX}{path}."
-        out[prefix + "lora_A.weight"] = layer.lora_A.weight
-        out[prefix + "lora_B.weight"] = layer.lora_B.weight
+        out[peft_key(path, LORA_A)] = layer.lora_A.weight
+        out[peft_key(path, LORA_B)] = layer.lora_B.weight
         if isinstance(layer, DoRALinear):
-            out[prefix + "lora_magnitude_vector"] = layer.magnitude
+            out[peft_key(path, MAGNITUDE)] = layer.magnitude
     for name, param in getattr(model, HEAD).named_parameters():
-        out[f"{PEFT_PREFIX}{HEAD}.{name}"] = param
+        out[peft_key(HEAD, name)] = param
     return out
 
 
@@ -339,7 +334,7 @@ class CheckpointWriter:
             shutil.copyfile(self.base_path / "config.json", folder / "config.json")
         else:
             tensors = {k: _cpu_copy(v) for k, v in adapter_tensors(model).items()}
-            save_file(tensors, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+            save_file(tensors, str(folder / ADAPTER_SAFETENSORS), metadata={"format": "pt"})
             (folder / ADAPTER_CONFIG).write_text(json.dumps(self.peft_config, indent=2) + "\n", encoding="utf-8")
 
     def load(
@@ -364,7 +359,7 @@ class CheckpointWriter:
             path = checkpoint / FULL_WEIGHTS
         else:
             targets = dict(adapter_tensors(model))
-            path = checkpoint / ADAPTER_WEIGHTS
+            path = checkpoint / ADAPTER_SAFETENSORS
         try:
             with safe_open(str(path), framework="pt") as fh:
                 missing = [k for k in targets if k not in fh.keys()]

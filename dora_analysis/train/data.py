@@ -12,13 +12,15 @@ import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from ..errors import InputError
+from .config import Noise, Words
 
-# The synthetic task's words: 12 nouns, and 10 positive + 10 negative adjectives per word set.
+# The synthetic task's words: 12 nouns, and 10 positive + 10 negative adjectives per word set
+# (the keys are config.Words, the choices of --words).
 NOUNS = ("movie", "book", "meal", "hotel", "song", "game", "show", "car", "phone", "room", "trip", "party")
 ADJECTIVES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     # Rare, mostly multi-piece words: all-MiniLM-L6-v2 needs the whole run to learn their
@@ -34,8 +36,6 @@ ADJECTIVES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     ),
 }
 
-Noise = Literal["sentence", "example"]
-Words = Literal["rare", "common"]
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ..peft_format import lora_scale
+
 # Floor for the row norm: a zero row of W0 (real MoE checkpoints have them) would otherwise
 # give 0 / 0 = NaN; with the floor it stays 0, as W0 has it.
 _NORM_FLOOR = 1e-12
@@ -58,7 +60,7 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Linear(rank, out_features, bias=False, **factory)
         self.lora_dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.rank = rank
-        self.scaling = alpha / (math.sqrt(rank) if rslora else rank)
+        self.scaling = lora_scale(alpha, rank, rslora=rslora)
         self.reset_adapter()
 
     @torch.no_grad()

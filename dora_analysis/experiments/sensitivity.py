@@ -1,25 +1,25 @@
 """How robust is the reproduced sign pattern? Vary one choice of the reference at a time.
 
-    python -m dora_analysis.sensitivity --out runs/sensitivity [--seeds 0 1 2]
-
 Trains the reference runs with a snapshot every 15 steps, and variants of the reference
 (weight decay, the synthetic task's words), then measures the pooled Pearson r of every run
-under each variant of the analysis (which checkpoints, which axis). Prints a Markdown table
-with one row per variant; docs/reproduction.md holds its output. Finished runs are reused, so
-an interrupted study continues where it stopped.
+under each variant of the analysis (which checkpoints, which axis). :func:`format_table`
+makes a Markdown table with one row per variant; docs/reproduction.md holds its output.
+Finished runs are reused, so an interrupted study continues where it stopped.
+
+Example:
+    >>> rows = measure(Path("runs/sensitivity"), seeds=(0, 1, 2))
+    >>> print(format_table(rows, (0, 1, 2)))
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .console import run_main
-from .paper import EXPECTED_SIGN, PAPER_R, method_label
-from .reproduce import REFERENCE, Reference, train_runs
+from ..paper import EXPECTED_SIGN, PAPER_R, method_label
+from .reproduction import REFERENCE, Reference, train_runs
 
 EVERY_15 = tuple(range(15, 241, 15))
 
@@ -45,16 +45,16 @@ def variants() -> list[Variant]:
         Variant("checkpoints 60, 120, 180, 240 (evenly spread)", every15, steps=(60, 120, 180, 240)),
         Variant("all 16 checkpoints", every15, steps=EVERY_15),
         Variant("vectors = input columns (`--axis in`)", every15, axis="in"),
-        Variant("weight decay 0.01", replace(REFERENCE, weight_decay=0.01), runs_dir="wd0.01"),
-        Variant("weight decay 0", replace(REFERENCE, weight_decay=0.0), runs_dir="wd0"),
-        Variant("everyday adjectives (`synthetic_words=common`)", replace(REFERENCE, synthetic_words="common"), runs_dir="common"),
+        Variant("weight decay 0.01", REFERENCE.with_training(weight_decay=0.01), runs_dir="wd0.01"),
+        Variant("weight decay 0", REFERENCE.with_training(weight_decay=0.0), runs_dir="wd0"),
+        Variant("everyday adjectives (`synthetic_words=common`)", REFERENCE.with_training(synthetic_words="common"), runs_dir="common"),
     ]
 
 
 def measure(out: Path, seeds: tuple[int, ...], *, progress: bool = True) -> list[tuple[Variant, dict[str, list[float]]]]:
     """Pooled r per method (one value per seed) for every variant."""
-    from .analysis import analyze, summarize
-    from .train import default_model_path
+    from .. import analyze, summarize
+    from ..train import default_model_path
 
     base = default_model_path()
     # Several variants only re-analyse the same runs: train (or check) each set of runs once.
@@ -76,7 +76,7 @@ def measure(out: Path, seeds: tuple[int, ...], *, progress: bool = True) -> list
 
 def format_table(rows: list[tuple[Variant, dict[str, list[float]]]], seeds: tuple[int, ...]) -> str:
     """A Markdown table: per method, r for each seed; a check where the paper's sign holds on every seed."""
-    from .stats import has_sign
+    from ..stats import has_sign
 
     methods = list(REFERENCE.methods)
     head = "| variant | " + " | ".join(f"{method_label(m)} r (paper {PAPER_R[m]:+.2f})" for m in methods) + " | paper's signs on every seed |"
@@ -90,23 +90,3 @@ def format_table(rows: list[tuple[Variant, dict[str, list[float]]]], seeds: tupl
             cells.append(" / ".join(f"{r:+.2f}" for r in rs))
         lines.append(f"| {v.name} | " + " | ".join(cells) + f" | {'yes' if all_ok else 'no'} |")
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m dora_analysis.sensitivity", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path("runs/sensitivity"))
-    p.add_argument("--seeds", type=int, nargs="+", default=list(REFERENCE.seeds))
-    p.add_argument("--quiet", action="store_true")
-    p.add_argument("--debug", action="store_true")
-    args = p.parse_args(argv)
-    seeds = tuple(args.seeds)
-
-    def body() -> int:
-        print(format_table(measure(args.out, seeds, progress=not args.quiet), seeds))
-        return 0
-
-    return run_main(p.prog, body, debug=args.debug)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
