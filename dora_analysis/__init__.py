@@ -20,8 +20,8 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "analyze": "analysis",
-    "summarize": "analysis",
-    "magnitude_direction": "analysis",
+    "summarize": "summary",
+    "magnitude_direction": "summary",
     "compare": "decompose",
     "magnitude": "decompose",
     "delta_magnitude": "decompose",
@@ -31,7 +31,8 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 if TYPE_CHECKING:
-    from .analysis import analyze, magnitude_direction, summarize
+    from .analysis import analyze
+    from .summary import magnitude_direction, summarize
     from .decompose import compare, delta_direction, delta_magnitude, magnitude
     from .errors import InputError
 

@@ -28,8 +28,6 @@ reduction here runs in float64 whatever the stored dtype, in row blocks to bound
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
@@ -37,11 +35,12 @@ import torch
 
 Axis = Literal["out", "in"]
 
-# Elements per float64 block. On the CPU, 512 KB: small enough to stay in L2, so the float64
-# work costs about what a plain float32 upcast of the matrix costs; at least 8 rows, so wide
-# matrices do not spend their time in the Python loop. On a GPU, few large blocks (launches
-# cost more than memory there), still bounded: 512 MB.
-_BLOCK_ELEMENTS = {"cpu": 1 << 16, "cuda": 1 << 26}
+# Default elements per float64 block, when the caller does not choose (the code that runs a
+# plan does, see ``dora_analysis.engine``). On the CPU, 512 KB: small enough to stay in a
+# core's L2, so the float64 work costs about what a plain float32 upcast of the matrix costs.
+# On a GPU, few large blocks (launches cost more than memory there), still bounded: 512 MB.
+DEFAULT_BLOCK_ELEMENTS = {"cpu": 1 << 16, "cuda": 1 << 26}
+# At least this many rows per block, so wide matrices do not spend their time in the Python loop.
 _MIN_BLOCK_ROWS = 8
 
 
@@ -104,42 +103,28 @@ class MatrixChange:
     zero_rows: int
 
 
-@contextmanager
-def _one_cpu_thread(device: torch.device) -> Iterator[None]:
-    """Run the comparison on one CPU thread.
-
-    It is many small ops (cache-sized blocks, then k-length vectors), each an OpenMP parallel
-    region; on a machine where another process holds a core, every region waits for a
-    descheduled thread. Measured on 2 shared cores (5632 x 2048 bf16): ~30 ms on one thread,
-    0.3-4 s on two.
-    """
-    if device.type != "cpu" or torch.get_num_threads() == 1:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+def default_block_elements(device: torch.device) -> int:
+    """The block budget :func:`compare` uses on ``device`` when the caller names none."""
+    return DEFAULT_BLOCK_ELEMENTS.get(device.type, DEFAULT_BLOCK_ELEMENTS["cuda"])
 
 
-def _block_rows(weight: torch.Tensor) -> int:
-    """Rows per block: two float64 rows of the pair buffer per row, within the device's budget."""
+def _block_rows(weight: torch.Tensor, budget: int) -> int:
+    """Rows per block: two float64 rows of the pair buffer per row, within ``budget`` elements."""
     k, d = weight.shape
-    budget = _BLOCK_ELEMENTS.get(weight.device.type, _BLOCK_ELEMENTS["cuda"])
     return min(k, max(_MIN_BLOCK_ROWS, budget // max(2 * d, 1)))
 
 
-def _sums(base: torch.Tensor, tuned: torch.Tensor, *, rows: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _sums(
+    base: torch.Tensor, tuned: torch.Tensor, *, rows: bool, budget: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """|w0|^2, |w|^2 and w0.w of every vector, in float64: the rows or the columns of ``base``."""
-    return _row_sums(base, tuned) if rows else _column_sums(base, tuned)
+    return _row_sums(base, tuned, budget) if rows else _column_sums(base, tuned, budget)
 
 
-def _column_sums(base: torch.Tensor, tuned: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _column_sums(base: torch.Tensor, tuned: torch.Tensor, budget: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """As :func:`_row_sums` for the columns, reading the rows in order and accumulating."""
     k, d = base.shape
-    block = _block_rows(base)
+    block = _block_rows(base, budget)
     sums = torch.zeros(3, d, dtype=torch.float64, device=base.device)
     pair = torch.empty(2, block, d, dtype=torch.float64, device=base.device)
     for start in range(0, k, block):
@@ -153,7 +138,7 @@ def _column_sums(base: torch.Tensor, tuned: torch.Tensor) -> tuple[torch.Tensor,
     return sums[0], sums[1], sums[2]
 
 
-def _row_sums(base: torch.Tensor, tuned: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _row_sums(base: torch.Tensor, tuned: torch.Tensor, budget: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Squared norms of both sides and their row dot products, in float64, block by block.
 
     Each block's rows are stacked pairwise, ``S[i] = [base[i]; tuned[i]]`` (2 x d, float64),
@@ -161,7 +146,7 @@ def _row_sums(base: torch.Tensor, tuned: torch.Tensor) -> tuple[torch.Tensor, to
     ``[[|b|^2, b.t], [b.t, |t|^2]]``. One pass over the data instead of six.
     """
     k, d = base.shape
-    block = _block_rows(base)
+    block = _block_rows(base, budget)
     gram = torch.empty(k, 2, 2, dtype=torch.float64, device=base.device)
     pair = torch.empty(block, 2, d, dtype=torch.float64, device=base.device)
     for start in range(0, k, block):
@@ -179,6 +164,7 @@ def compare(
     *,
     fan_in_fan_out: bool = False,
     axis: Axis = "out",
+    block_elements: int | None = None,
 ) -> MatrixChange:
     """dM, dD and friends between a base weight and a tuned weight of the same shape.
 
@@ -187,6 +173,9 @@ def compare(
         tuned: W_t, same shape as ``base`` (dtype may differ).
         fan_in_fan_out: Both are stored ``[in, out]``.
         axis: Which vectors to normalise, see :func:`as_vectors`.
+        block_elements: float64 elements per block of the reduction (memory, and cache use);
+            default: :func:`default_block_elements` of the device. The result does not
+            depend on it beyond float64 rounding.
 
     Returns:
         A :class:`MatrixChange`.
@@ -203,13 +192,13 @@ def compare(
         raise ValueError(f"shape mismatch: base {tuple(base.shape)} vs tuned {tuple(tuned.shape)}")
     a, rows = _stored_2d(base, fan_in_fan_out=fan_in_fan_out, axis=axis)
     b, _ = _stored_2d(tuned, fan_in_fan_out=fan_in_fan_out, axis=axis)
-    with _one_cpu_thread(a.device):
-        return _change(a, b, rows=rows)
+    budget = default_block_elements(a.device) if block_elements is None else block_elements
+    return _change(a, b, rows=rows, budget=budget)
 
 
-def _change(a: torch.Tensor, b: torch.Tensor, *, rows: bool) -> MatrixChange:
+def _change(a: torch.Tensor, b: torch.Tensor, *, rows: bool, budget: int) -> MatrixChange:
     """:func:`compare` on two 2-D weights in storage order, vectors along ``rows`` or columns."""
-    base_sq, tuned_sq, dot = _sums(a, b, rows=rows)
+    base_sq, tuned_sq, dot = _sums(a, b, rows=rows, budget=budget)
     # NaN/Inf anywhere in a row propagates into its sums: one cheap check instead of a pass
     # over the whole matrix.
     for side, sums in (("base", base_sq), ("tuned", tuned_sq)):

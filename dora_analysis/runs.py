@@ -1,106 +1,61 @@
-"""Tuned states as sources of effective weights, and runs as ordered lists of them.
+"""Runs: a training run folder as an ordered list of ``(step, snapshot)``.
 
-A :class:`Snapshot` is one tuned state (a fine-tuned checkpoint, an adapter) that yields, for
-a base tensor, the effective tuned tensor in the base's storage layout. Full checkpoints hold
-that tensor outright (:class:`FullSnapshot`); adapters compute it from the base tensor
-(``dora_analysis.adapters``), so the analyzer hands every snapshot the base tensor it has
-already read.
-
-A :class:`Run` is a named, ordered list of ``(step, snapshot)``: a training run folder with
-``checkpoint-N/`` subfolders, or a single checkpoint (one step).
+A :class:`Run` is a named list of tuned states (:class:`~dora_analysis.snapshot.Snapshot`),
+ordered by training step: a run folder whose step subfolders match a registered
+:class:`StepPattern` (``checkpoint-N/`` for the Hugging Face Trainer), or a single checkpoint
+(one step). Each tuned state is opened by :func:`open_snapshot`: the first adapter format that
+claims it (:data:`dora_analysis.adapters.ADAPTER_FORMATS`), else a full checkpoint through the
+container registry (:data:`dora_analysis.containers.CONTAINERS`).
 """
 
 from __future__ import annotations
 
 import json
 import re
-from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-import torch
-
-from .checkpoints import TensorStore, open_checkpoint
+from .adapters import open_adapter
+from .containers import open_checkpoint
 from .errors import InputError
-from .names import match_names
+from .registry import Registry
+from .snapshot import FullSnapshot, Snapshot
 
-CHECKPOINT_DIR_RE = re.compile(r"^checkpoint-(\d+)$")
 
-
-class Snapshot(ABC):
-    """One tuned state whose effective weights can be read matrix by matrix.
+@dataclass(frozen=True)
+class StepPattern:
+    """How one training framework names its step folders inside a run folder.
 
     Attributes:
-        path: Where it was read from (for messages).
-        method: ``"ft"`` for full weights; adapters say ``"lora"``, ``"dora"``, ``"vera"``...
-        complete: True if it holds every base matrix (a full checkpoint): a selected matrix
-            it lacks is an error. False for adapters, which change only the modules they target.
+        name: Short name (``hf-trainer``).
+        regex: Matches a child folder's name; group 1 is the step number.
+        step_file: A JSON file inside the step folder whose ``global_step`` is the true step
+            (it wins over the number in the name), or None.
     """
 
-    path: Path
-    method: str = "ft"
-    complete: bool = True
-
-    @abstractmethod
-    def bind(self, base: TensorStore) -> set[str]:
-        """Prepare to serve ``base``; return the base tensor names this snapshot provides."""
-
-    def stored_transposed(self, name: str) -> bool | None:
-        """Whether base tensor ``name`` is stored ``[in, out]``, if this snapshot knows.
-
-        The analyzer asks only when the base has no ``config.json`` to tell it (an adapter's
-        ``fan_in_fan_out`` knows a GPT-2 ``Conv1D``; a full checkpoint knows nothing).
-        """
-        return None
-
-    @abstractmethod
-    def weight(self, name: str, base_weight: torch.Tensor) -> torch.Tensor:
-        """The effective tuned tensor for base tensor ``name``, shaped and laid out like it.
-
-        Args:
-            name: A base tensor name returned by :meth:`bind`.
-            base_weight: The base tensor as stored (adapters build on it; full checkpoints
-                ignore it).
-        """
+    name: str
+    regex: re.Pattern[str]
+    step_file: str | None = None
 
 
-class FullSnapshot(Snapshot):
-    """A full fine-tuned checkpoint: every tensor stored outright."""
-
-    method = "ft"
-    complete = True
-
-    def __init__(self, store: TensorStore) -> None:
-        self.store = store
-        self.path = store.path
-        self._names: dict[str, str] = {}
-
-    def bind(self, base: TensorStore) -> set[str]:
-        self._names = match_names(base.keys(), self.store.keys())
-        return set(self._names)
-
-    def weight(self, name: str, base_weight: torch.Tensor) -> torch.Tensor:
-        return self.store.get(self._names[name])
-
-    def __repr__(self) -> str:
-        return f"FullSnapshot({str(self.path)!r})"
+STEP_PATTERNS: Registry[StepPattern] = Registry("step-folder pattern")
+STEP_PATTERNS.register(StepPattern("hf-trainer", re.compile(r"^checkpoint-(\d+)$"), "trainer_state.json"))
 
 
-def open_snapshot(path: str | Path, *, dora_scale_axis: str | None = None) -> Snapshot:
-    """Open one tuned state: an adapter (any supported format) or a full checkpoint.
+def open_snapshot(path: str | Path, *, reader_options: Mapping[str, Any] | None = None) -> Snapshot:
+    """Open one tuned state: an adapter (any registered format) or a full checkpoint.
 
     Args:
         path: An adapter folder or file, or a full checkpoint folder or file.
-        dora_scale_axis: Passed to the adapter reader for kohya/LyCORIS ``dora_scale`` on
-            square matrices, whose axis the shape cannot tell.
+        reader_options: Format-specific settings, passed to the adapter formats (e.g.
+            ``{"dora_axis": "out"}`` for kohya / LyCORIS ``dora_scale`` on square matrices).
     """
-    from . import adapters  # local: adapters builds on this module
-
     path = Path(path)
     if not path.exists():
         raise InputError("no such file or folder", path=path)
-    options = {} if dora_scale_axis is None else {"dora_axis": dora_scale_axis}
-    snap = adapters.open_adapter(path, **options)
+    snap = open_adapter(path, reader_options=reader_options)
     return snap if snap is not None else FullSnapshot(open_checkpoint(path))
 
 
@@ -121,9 +76,11 @@ class Run:
     method: str = "ft"
 
 
-def read_step(folder: Path) -> int | None:
-    """``global_step`` from a folder's ``trainer_state.json``, or None."""
-    state = folder / "trainer_state.json"
+def read_step(folder: Path, step_file: str | None = "trainer_state.json") -> int | None:
+    """``global_step`` from a step folder's state file (``trainer_state.json``), or None."""
+    if step_file is None:
+        return None
+    state = folder / step_file
     if not state.is_file():
         return None
     try:
@@ -133,17 +90,27 @@ def read_step(folder: Path) -> int | None:
     return int(step) if isinstance(step, (int, float)) else None
 
 
-def checkpoint_dirs(folder: Path) -> list[tuple[int, Path]]:
-    """``checkpoint-N/`` subfolders of a run folder as ``(step, path)``, ascending.
+def match_step_folder(name: str) -> tuple[StepPattern, int] | None:
+    """The first registered pattern a folder name matches, and the step number in the name."""
+    for pattern in STEP_PATTERNS:
+        m = pattern.regex.match(name)
+        if m:
+            return pattern, int(m.group(1))
+    return None
 
-    The step is ``global_step`` from the snapshot's ``trainer_state.json``, else N.
+
+def checkpoint_dirs(folder: Path) -> list[tuple[int, Path]]:
+    """Step subfolders of a run folder (``checkpoint-N/`` ...) as ``(step, path)``, ascending.
+
+    The step is ``global_step`` from the pattern's state file when there is one, else N.
     """
     found = []
     for child in folder.iterdir() if folder.is_dir() else ():
-        m = CHECKPOINT_DIR_RE.match(child.name)
-        if m and child.is_dir():
-            step = read_step(child)
-            found.append((int(m.group(1)) if step is None else step, child))
+        matched = match_step_folder(child.name)
+        if matched and child.is_dir():
+            pattern, number = matched
+            step = read_step(child, pattern.step_file)
+            found.append((number if step is None else step, child))
     return sorted(found, key=lambda t: t[0])
 
 
@@ -152,7 +119,7 @@ def open_run(
     *,
     name: str | None = None,
     method: str | None = None,
-    dora_scale_axis: str | None = None,
+    reader_options: Mapping[str, Any] | None = None,
 ) -> Run:
     """Open a run folder (``checkpoint-N/`` subfolders) or a single tuned checkpoint.
 
@@ -160,24 +127,24 @@ def open_run(
         path: A run folder, a checkpoint folder, an adapter folder, or a weights file.
         name: The ``run`` label; default: the path's final component.
         method: Override the method label (default: from the snapshots; ``ft`` for full).
-        dora_scale_axis: See :func:`open_snapshot`.
+        reader_options: See :func:`open_snapshot`.
 
     Returns:
         A :class:`Run`. A single checkpoint is one step: its ``global_step`` from
-        ``trainer_state.json``, else N if named ``checkpoint-N``, else 0.
+        ``trainer_state.json``, else N if named like a step folder, else 0.
     """
     path = Path(path)
     if not path.exists():
         raise InputError("no such file or folder", path=path)
     dirs = checkpoint_dirs(path)
     if dirs:
-        steps = [(step, open_snapshot(p, dora_scale_axis=dora_scale_axis)) for step, p in dirs]
+        steps = [(step, open_snapshot(p, reader_options=reader_options)) for step, p in dirs]
     else:
-        step = read_step(path) if path.is_dir() else None
+        matched = match_step_folder(path.name)
+        step = read_step(path, matched[0].step_file if matched else "trainer_state.json") if path.is_dir() else None
         if step is None:
-            m = CHECKPOINT_DIR_RE.match(path.name)
-            step = int(m.group(1)) if m else 0
-        steps = [(step, open_snapshot(path, dora_scale_axis=dora_scale_axis))]
+            step = matched[1] if matched else 0
+        steps = [(step, open_snapshot(path, reader_options=reader_options))]
     seen = {s for s, _ in steps}
     if len(seen) != len(steps):
         raise InputError("two checkpoints report the same step", path=path, hint="check trainer_state.json global_step")

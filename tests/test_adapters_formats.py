@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from dora_analysis.adapters import base_path_of, open_adapter
 from dora_analysis.analysis import analyze
-from dora_analysis.checkpoints import open_checkpoint
+from dora_analysis.containers import open_checkpoint
 from dora_analysis.cli.analyze import main
 from dora_analysis.errors import InputError
 
@@ -149,14 +149,14 @@ def test_kohya_flattened_square_dora_scale_needs_the_axis(tmp_path: Path) -> Non
         open_adapter(file)
     assert "network.safetensors" in str(info.value) and "to_q.dora_scale" in str(info.value)
     with pytest.raises(InputError, match="runs along the 'in' features, but dora_axis='out' was given"):
-        open_adapter(file, dora_axis="out")  # the [1, in] scales of the other layers contradict it
-    snap = open_adapter(file, dora_axis="in")
+        open_adapter(file, reader_options={"dora_axis": "out"})  # the [1, in] scales of the other layers contradict it
+    snap = open_adapter(file, reader_options={"dora_axis": "in"})
     store = open_checkpoint(base)
     snap.bind(store)
     name = "down_blocks.0.attentions.0.to_q.weight"
     assert_close(snap.weight(name, store.get(name)), expected[name])
-    # The analyzer passes its dora_scale_axis through (the CLI's --dora-scale-axis).
-    df = analyze(base, file, modules="to_q", dora_scale_axis="in")
+    # The analyzer passes its reader options through (the CLI's --dora-scale-axis).
+    df = analyze(base, file, modules="to_q", reader_options={"dora_axis": "in"})
     assert list(df["module"]) == ["down_blocks.0.attentions.0.to_q"] and list(df["method"]) == ["dora"]
 
 
@@ -164,6 +164,51 @@ def test_kohya_other_lycoris_algorithms_are_refused(tmp_path: Path) -> None:
     save_file({"lora_unet_conv_in.hada_w1_a": torch.randn(4, 2), "lora_unet_conv_in.alpha": torch.tensor(1.0)}, tmp_path / "loha.safetensors")
     with pytest.raises(InputError, match="LyCORIS LoHa"):
         open_adapter(tmp_path / "loha.safetensors")
+
+
+class Blocks(torch.nn.Module):
+    """Two blocks of two linear layers, as LyCORIS names them on a plain torch model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(
+            [torch.nn.ModuleDict({"q": torch.nn.Linear(6, 5), "v": torch.nn.Linear(6, 5)}) for _ in range(2)]
+        )
+
+
+def test_lycoris_full_differences_are_dense_updates(tmp_path: Path) -> None:
+    """LyCORIS `full` saves diff / diff_b; LyCORIS's own merge is the oracle, and so is W0 + diff."""
+    lycoris = pytest.importorskip("lycoris", reason="LyCORIS writes the full-difference files: pip install lycoris-lora")
+    model = Blocks()
+    base = tmp_path / "base.safetensors"
+    save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}, base)
+    lycoris.LycorisNetwork.apply_preset({"target_name": [r".*\.q", r".*\.v"]})
+    net = lycoris.create_lycoris(model, 1.0, linear_dim=4, linear_alpha=2, algo="full")
+    net.apply_to()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    file = tmp_path / "full.safetensors"
+    net.save_weights(str(file), torch.float32, None)
+    diffs = load_file(file)
+    assert {k.rsplit(".", 1)[1] for k in diffs} == {"diff", "diff_b"}
+    merged = {}
+    for module in net.loras:  # LyCORIS's own merge, module by module
+        weight, bias = module.get_merged_weight(multiplier=1.0)
+        path = module.lora_name.removeprefix("lycoris_").replace("_", ".")
+        merged[f"{path}.weight"], merged[f"{path}.bias"] = weight.detach(), bias.detach()
+
+    snap = open_adapter(file)
+    store = open_checkpoint(base)
+    assert snap.method == "ft" and snap.bind(store) == set(merged)
+    for name, want in merged.items():
+        got = snap.weight(name, store.get(name))
+        assert_close(got, want)
+        stem = "lycoris_" + name.rsplit(".", 1)[0].replace(".", "_")
+        delta = diffs[f"{stem}.diff"] if name.endswith(".weight") else diffs[f"{stem}.diff_b"]
+        assert torch.equal(got, store.get(name) + delta)
+    df = analyze(base, file, modules=r"\.q$")
+    assert list(df["method"]) == ["ft", "ft"] and len(df) == 2
 
 
 # -- PEFT VeRA -------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from torch import nn
 
 from dora_analysis.adapters import base_path_of, open_adapter
 from dora_analysis.analysis import analyze
-from dora_analysis.checkpoints import open_checkpoint
+from dora_analysis.containers import open_checkpoint
 from dora_analysis.cli.analyze import main
 from dora_analysis.runs import Snapshot, open_run
 

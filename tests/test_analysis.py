@@ -13,8 +13,9 @@ import torch
 from safetensors.torch import save_file
 
 import dora_analysis as da
-from dora_analysis.analysis import LAYER_COLUMNS, SUMMARY_COLUMNS
-from dora_analysis.checkpoints import open_checkpoint
+from dora_analysis.analysis import LAYER_COLUMNS
+from dora_analysis.summary import SUMMARY_COLUMNS
+from dora_analysis.containers import open_checkpoint
 from dora_analysis.cli.analyze import main
 
 from .conftest import write_trainer_state

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from dora_analysis.checkpoints import open_checkpoint
+from dora_analysis.containers import open_checkpoint
 from dora_analysis.errors import InputError
 from dora_analysis.names import kinds, layer_index, match_names, select, strip_wrappers
 

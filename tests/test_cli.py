@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from dora_analysis import cli
+from dora_analysis.cli import analyze as cli
 from dora_analysis.cli.analyze import main
 
 from .conftest import write_trainer_state

@@ -1,28 +1,35 @@
-"""Adapter checkpoints (LoRA, DoRA, VeRA ...) as sources of effective weights.
+"""Adapter checkpoints (LoRA, DoRA, VeRA, LyCORIS ...) as sources of effective weights.
 
 An adapter does not hold the tuned weights; it holds what turns the base's W0 into W'. Each
-reader here parses one format and yields a :class:`~dora_analysis.runs.Snapshot` whose
-``weight(name, W0)`` is W', merged exactly as the format's own library merges it, built one
-matrix per call (see ``docs/formats.md`` for the table of formats):
+format is one entry in :data:`ADAPTER_FORMATS`, tried in order, first match wins: its ``open``
+returns a :class:`~dora_analysis.snapshot.Snapshot` whose ``weight(name, W0)`` is W', merged
+exactly as the format's own library merges it, built one matrix per call (see
+``docs/formats.md`` for the table of formats), or None when the path is not in its format:
 
-* PEFT LoRA / DoRA folders (:mod:`.peft`), PEFT VeRA (:mod:`.vera`);
-* the official DoRA code's layout (:mod:`.official`);
-* kohya-ss / LyCORIS ``.safetensors`` files (:mod:`.kohya`).
+* ``peft``: PEFT LoRA / DoRA folders (:mod:`.peft`), PEFT VeRA (:mod:`.vera`), and the
+  official DoRA code's layout (:mod:`.official`);
+* ``kohya``: kohya-ss / LyCORIS ``.safetensors`` files (:mod:`.kohya`).
 
-The math they share (W0 + s·B·A, DoRA's renormalisation) is in :mod:`.merge`, the matching
-of targets to base tensors in :mod:`.snapshot`.
+The update math they share (W0 + s·B·A, DoRA's renormalisation, a dense W0 + ΔW) is in
+:mod:`.merge`, the matching of targets to base tensors in :mod:`.snapshot`. Options that only
+one format understands travel in one ``reader_options`` mapping (``{"dora_axis": "in"}``);
+each format declares the keys it reads.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from ..checkpoints import TensorStore, find_checkpoint_file, open_file
+from ..containers import TensorStore, find_checkpoint_file, open_file
 from ..errors import InputError
-from ..runs import Snapshot
+from ..decompose import Axis
+from ..registry import Registry
+from ..snapshot import Snapshot
 from .kohya import KohyaLora, is_kohya
-from .merge import FeatureAxis
 from .official import OFFICIAL_MAGNITUDE, OfficialDora
 from .peft import (
     ADAPTER_CONFIG,
@@ -36,34 +43,59 @@ from .peft import (
 )
 from .vera import PeftVera
 
-# Which features a kohya / LyCORIS `dora_scale` runs along: "out" (LyCORIS >= 3.2.0) or "in".
-DoraAxis = FeatureAxis
-
 # adapter_config.json `peft_type` -> reader.
 _PEFT_READERS: dict[str, type[PeftAdapter]] = {"LORA": PeftLora, "DORA": OfficialDora, "VERA": PeftVera}
 
-__all__ = ["open_adapter", "base_path_of", "DoraAxis"]
+ReaderOptions = Mapping[str, Any]
 
 
-def open_adapter(path: str | os.PathLike[str], *, dora_axis: DoraAxis | None = None) -> Snapshot | None:
-    """Open ``path`` as an adapter, if it is one.
+@dataclass(frozen=True)
+class AdapterFormat:
+    """One adapter format.
+
+    Attributes:
+        name: Short name, for messages and :meth:`Registry.unregister`.
+        open: ``(path, reader_options) -> Snapshot | None``: the adapter at ``path`` (a file
+            or folder), or None if ``path`` is not in this format. Raises
+            :class:`~dora_analysis.errors.InputError` when it is, but cannot be used.
+        options: The ``reader_options`` keys this format reads.
+    """
+
+    name: str
+    open: Callable[[Path, ReaderOptions], Snapshot | None]
+    options: frozenset[str] = frozenset()
+
+
+ADAPTER_FORMATS: Registry[AdapterFormat] = Registry("adapter format")
+
+__all__ = ["ADAPTER_FORMATS", "AdapterFormat", "ReaderOptions", "open_adapter", "base_path_of", "known_reader_options"]
+
+
+def known_reader_options() -> frozenset[str]:
+    """Every ``reader_options`` key some registered adapter format reads."""
+    return frozenset().union(*(f.options for f in ADAPTER_FORMATS))
+
+
+def open_adapter(path: str | os.PathLike[str], *, reader_options: ReaderOptions | None = None) -> Snapshot | None:
+    """Open ``path`` as an adapter, if it is one: the first registered format that claims it.
 
     Args:
         path: An adapter folder (``adapter_config.json`` + ``adapter_model.safetensors`` /
             ``.bin``), an adapter weights file, a kohya / LyCORIS ``.safetensors`` file, or a
             folder holding one such file.
-        dora_axis: For kohya / LyCORIS ``dora_scale`` tensors whose shape cannot tell their
-            axis (a flattened scale of a square weight): ``"out"`` (LyCORIS >= 3.2.0) or
-            ``"in"`` (older).
+        reader_options: Format-specific settings, e.g. ``{"dora_axis": "out"}`` for kohya /
+            LyCORIS ``dora_scale`` tensors whose shape cannot tell their axis (a flattened
+            scale of a square weight): ``"out"`` (LyCORIS >= 3.2.0) or ``"in"`` (older).
 
     Returns:
-        A :class:`~dora_analysis.runs.Snapshot` with ``complete=False``, or None if ``path``
-        is not an adapter (a full checkpoint, for instance).
+        A :class:`~dora_analysis.snapshot.Snapshot` with ``complete=False``, or None if
+        ``path`` is not an adapter (a full checkpoint, for instance).
 
     Raises:
         InputError: It is an adapter but cannot be used: missing or unreadable
             ``adapter_config.json``, a type that does not change weights (prompt / prefix
-            tuning), an unsupported type or option, inconsistent tensors.
+            tuning), an unsupported type or option, inconsistent tensors; or an option no
+            format reads.
 
     Example:
         >>> base = open_checkpoint("base/")
@@ -73,13 +105,17 @@ def open_adapter(path: str | os.PathLike[str], *, dora_axis: DoraAxis | None = N
         >>> name = sorted(snap.bind(base))[0]  # e.g. 'model.layers.0.self_attn.q_proj.weight'
         >>> w_tuned = snap.weight(name, base.get(name))  # W', float32, laid out like the base
     """
-    if dora_axis not in (None, "out", "in"):
-        raise InputError(f"dora_axis must be 'out' or 'in', got {dora_axis!r}")
+    options = dict(reader_options or {})
+    unknown = sorted(set(options) - known_reader_options())
+    if unknown:
+        raise InputError(f"unknown reader option {unknown[0]!r}", hint=f"known: {', '.join(sorted(known_reader_options()))}")
     path = Path(path)
-    if path.is_dir():
-        return _open_folder(path, dora_axis)
-    if path.is_file():
-        return _open_file(path, path, dora_axis)
+    if not path.exists():
+        return None
+    for fmt in ADAPTER_FORMATS:
+        snap = fmt.open(path, options)
+        if snap is not None:
+            return snap
     return None
 
 
@@ -106,32 +142,43 @@ def base_path_of(path: str | os.PathLike[str]) -> Path | None:
     return next((c for c in candidates if c.exists()), None)
 
 
-def _open_folder(folder: Path, dora_axis: DoraAxis | None) -> Snapshot | None:
-    """A PEFT-style adapter folder, or a folder holding a single kohya / LyCORIS file."""
-    if (folder / ADAPTER_CONFIG).is_file() or any((folder / name).is_file() for name in ADAPTER_WEIGHTS):
-        return _open_peft(folder, folder, None)
-    try:
-        found = find_checkpoint_file(folder)
-    except InputError:
-        return None  # several weight files: not an adapter layout; the full-checkpoint reader says why
-    if found is not None and found.name.endswith(".safetensors"):
-        return _open_file(found, folder, dora_axis)
-    return None
-
-
-def _open_file(file: Path, path: Path, dora_axis: DoraAxis | None) -> Snapshot | None:
-    """An adapter weights file (PEFT or kohya), or None for any other weights file."""
-    if file.name in ADAPTER_WEIGHTS:
-        return _open_peft(path, file.parent, file)
-    if not file.name.endswith(".safetensors"):
+def _single_safetensors(path: Path) -> tuple[Path, TensorStore] | None:
+    """``path`` as one ``.safetensors`` file (itself, or the only weights file of its folder)."""
+    if path.is_dir():
+        try:
+            found = find_checkpoint_file(path)
+        except InputError:
+            return None  # several weight files: not an adapter layout; the full-checkpoint reader says why
+        if found is None:
+            return None
+        path = found
+    if not path.name.endswith(".safetensors"):
         return None
-    store = open_file(file)  # header only: cheap even for a large full checkpoint
-    keys = store.keys()
-    if is_kohya(keys):
-        return KohyaLora(path, store, dora_axis=dora_axis)
-    if looks_like_peft(keys):
-        return _open_peft(path, file.parent, file, store)
+    return path, open_file(path)  # header only: cheap even for a large full checkpoint
+
+
+def _open_peft_format(path: Path, options: ReaderOptions) -> Snapshot | None:
+    """A PEFT-style folder or weights file, or a ``.safetensors`` file with PEFT's keys."""
+    folder = path if path.is_dir() else path.parent
+    if path.is_dir() and ((folder / ADAPTER_CONFIG).is_file() or any((folder / n).is_file() for n in ADAPTER_WEIGHTS)):
+        return _open_peft(path, folder, None)
+    if path.is_file() and path.name in ADAPTER_WEIGHTS:
+        return _open_peft(path, folder, path)
+    found = _single_safetensors(path)
+    if found is not None and not is_kohya(found[1].keys()) and looks_like_peft(found[1].keys()):
+        return _open_peft(path, found[0].parent, found[0], found[1])
     return None
+
+
+def _open_kohya_format(path: Path, options: ReaderOptions) -> Snapshot | None:
+    """A kohya / LyCORIS ``.safetensors`` file, or a folder holding one."""
+    found = _single_safetensors(path)
+    if found is None or not is_kohya(found[1].keys()):
+        return None
+    axis: Axis | None = options.get("dora_axis")
+    if axis not in (None, "out", "in"):
+        raise InputError(f"dora_axis must be 'out' or 'in', got {axis!r}")
+    return KohyaLora(path, found[1], dora_axis=axis)
 
 
 def _open_peft(path: Path, folder: Path, weights: Path | None, store: TensorStore | None = None) -> Snapshot:
@@ -157,3 +204,7 @@ def _open_peft(path: Path, folder: Path, weights: Path | None, store: TensorStor
     if reader is PeftLora and any(k.endswith(OFFICIAL_MAGNITUDE) for k in store.keys()):
         reader = OfficialDora  # the official DoRA fork saves its magnitudes under this name
     return reader(path, config, store)
+
+
+ADAPTER_FORMATS.register(AdapterFormat("peft", _open_peft_format))
+ADAPTER_FORMATS.register(AdapterFormat("kohya", _open_kohya_format, frozenset({"dora_axis"})))

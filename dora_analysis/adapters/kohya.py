@@ -14,8 +14,11 @@ Keys are ``<stem>.<param>``, the stem being the module's dotted path with ``.`` 
 
 LyCORIS merges DoRA as ``weight * (dora_scale / (||weight|| + eps))`` with the norm over every
 axis but the scale's and ``eps = torch.finfo(weight.dtype).eps`` (``apply_weight_decompose``).
-Other LyCORIS algorithms (LoHa ``hada_*``, LoKr ``lokr_*``, Tucker ``lora_mid``, full ``diff``,
-OFT ...) are refused with a message naming them.
+
+LyCORIS ``full`` modules store the whole difference: ``<stem>.diff`` in the layer's own shape
+and ``<stem>.diff_b`` for the bias, merged as W0 + diff (a dense update: a full fine-tune, method ``ft``).
+Other LyCORIS algorithms (LoHa ``hada_*``, LoKr ``lokr_*``, Tucker ``lora_mid``, OFT ...) are
+refused with a message naming them.
 """
 
 from __future__ import annotations
@@ -27,13 +30,15 @@ from pathlib import Path
 import torch
 
 from .. import names as nm
-from ..checkpoints import TensorStore
+from ..containers import TensorStore
 from ..errors import InputError
+from ..decompose import Axis
 from ..peft_format import lora_scale
-from .merge import FeatureAxis
 from .snapshot import AdapterSnapshot, Target, pair_shapes
 
 PARAMS = ("lora_down.weight", "lora_up.weight", "alpha", "dora_scale")
+# LyCORIS `full` (FullModule): the whole difference, stored outright.
+DENSE_PARAMS = ("diff", "diff_b")
 
 # Which model a stem belongs to; stripped before matching (longest alternatives first).
 _PREFIX = re.compile(r"^(?:lora_prior_unet|lora_unet|lora_transformer|lora_te\d?|lycoris|lora)_")
@@ -48,7 +53,6 @@ _UNSUPPORTED = {
     "lora_mid.weight": "LoCon with Tucker decomposition (lora_mid)",
     "hada_": "LoHa (hada_*)",
     "lokr_": "LoKr (lokr_*)",
-    "diff": "full weight differences (diff)",
     "oft_": "OFT / BOFT (oft_*)",
     "w_norm": "norm-layer tuning (w_norm / b_norm)",
     "b_norm": "norm-layer tuning (w_norm / b_norm)",
@@ -60,12 +64,7 @@ def is_kohya(keys: list[str]) -> bool:
     return any(_KEY.match(k) for k in keys)
 
 
-def underscored(name: str) -> str:
-    """A base tensor's module path as kohya writes it: ``a.b.0.c.weight`` -> ``a_b_0_c``."""
-    return nm.module_name(nm.strip_wrappers(name)).replace(".", "_")
-
-
-def dora_axis_of(shape: tuple[int, ...], out: int, inp: int, option: FeatureAxis | None) -> FeatureAxis:
+def dora_axis_of(shape: tuple[int, ...], out: int, inp: int, option: Axis | None) -> Axis:
     """Which features a ``dora_scale`` runs along, from its shape, else from ``option``.
 
     Args:
@@ -78,7 +77,7 @@ def dora_axis_of(shape: tuple[int, ...], out: int, inp: int, option: FeatureAxis
         InputError: The shape fits neither axis, fits both and no option was given, or
             contradicts the option. The caller adds the file and tensor to the message.
     """
-    candidates: list[FeatureAxis] = []
+    candidates: list[Axis] = []
     if len(shape) >= 2:
         if shape[0] == out and math.prod(shape[1:]) == 1:
             candidates.append("out")
@@ -124,11 +123,19 @@ class KohyaLora(AdapterSnapshot):
     # LyCORIS `apply_weight_decompose`: `weight_norm = ... .norm(dim=1) ... + torch.finfo(weight.dtype).eps`.
     norm_eps = float(torch.finfo(torch.float32).eps)
 
-    def __init__(self, path: Path, store: TensorStore, *, dora_axis: FeatureAxis | None = None) -> None:
+    def __init__(self, path: Path, store: TensorStore, *, dora_axis: Axis | None = None) -> None:
         self.store = store
         groups = self._group()
         targets = {stem: self._target(stem, params, dora_axis) for stem, params in groups.items()}
         method = "dora" if any(t.magnitude for t in targets.values()) else "lora"
+        if all(t.diff is not None for t in targets.values()):
+            method = "ft"
+        elif any(t.diff is not None for t in targets.values()):
+            raise InputError(
+                "the file mixes LyCORIS full differences (diff) with low-rank modules",
+                path=store.path,
+                hint="analyse each network on its own",
+            )
         super().__init__(path, store, method=method, targets=targets, replacements={})
 
     def _group(self) -> dict[str, dict[str, str]]:
@@ -144,25 +151,27 @@ class KohyaLora(AdapterSnapshot):
                     hint=f"expected <prefix>_<module>.{{{', '.join(PARAMS)}}}",
                 )
             param = m.group("param")
-            if param not in PARAMS:
+            if param not in PARAMS + DENSE_PARAMS:
                 algorithm = next(v for k, v in _UNSUPPORTED.items() if param.startswith(k))
                 raise InputError(
                     f"LyCORIS {algorithm} is not supported",
                     path=self.store.path,
                     tensor=key,
-                    hint="supported: LoRA / LoCon (lora_down, lora_up, alpha) and their DoRA (dora_scale)",
+                    hint="supported: LoRA / LoCon (lora_down, lora_up, alpha), their DoRA (dora_scale), and full (diff, diff_b)",
                 )
             groups.setdefault(m.group("stem"), {})[param] = key
         return groups
 
-    def _target(self, stem: str, params: dict[str, str], dora_axis: FeatureAxis | None) -> Target:
+    def _target(self, stem: str, params: dict[str, str], dora_axis: Axis | None) -> Target:
+        if "diff" in params or "diff_b" in params:
+            return self._dense_target(stem, params)
         down, up = params.get("lora_down.weight"), params.get("lora_up.weight")
         if down is None or up is None:
             missing = "lora_down.weight" if down is None else "lora_up.weight"
             raise InputError(f"{stem} has no {missing}", path=self.store.path, tensor=next(iter(params.values())))
         rank, out, inp, kernel = pair_shapes(self.store, down, up)
         magnitude = params.get("dora_scale")
-        axis: FeatureAxis = "out"
+        axis: Axis = "out"
         if magnitude is not None:
             try:
                 axis = dora_axis_of(tuple(self.store.shape(magnitude)), out, inp, dora_axis)
@@ -180,6 +189,31 @@ class KohyaLora(AdapterSnapshot):
             transposed=False,  # diffusion models use nn.Linear / nn.Conv2d: [out, in, *kernel]
         )
 
+    def _dense_target(self, stem: str, params: dict[str, str]) -> Target:
+        """A LyCORIS ``full`` module: ``diff`` in the layer's shape, ``diff_b`` for its bias."""
+        extra = sorted(set(params) - set(DENSE_PARAMS))
+        if extra or "diff" not in params:
+            what = f"has {', '.join(extra)} beside diff" if extra else "has diff_b but no diff"
+            raise InputError(f"{stem} {what}", path=self.store.path, tensor=next(iter(params.values())))
+        shape = tuple(self.store.shape(params["diff"]))
+        if len(shape) < 2:
+            raise InputError(f"diff has shape {list(shape)}, not a weight's", path=self.store.path, tensor=params["diff"])
+        bias = params.get("diff_b")
+        if bias is not None and tuple(self.store.shape(bias)) != (shape[0],):
+            raise InputError(
+                f"diff_b has shape {list(self.store.shape(bias))}, expected [{shape[0]}]", path=self.store.path, tensor=bias
+            )
+        return Target(
+            out_features=shape[0],
+            in_features=shape[1],
+            down=None,
+            up=None,
+            diff=params["diff"],
+            bias=bias,
+            kernel=shape[2:],
+            transposed=False,
+        )
+
     def _alpha(self, params: dict[str, str], rank: int) -> float:
         """``alpha``, where missing or 0 means r (kohya: ``alpha = self.lora_dim if alpha is None or alpha == 0``)."""
         if "alpha" not in params:
@@ -188,10 +222,11 @@ class KohyaLora(AdapterSnapshot):
         return alpha if alpha != 0 else float(rank)
 
     def _form(self, base_name: str) -> str | None:
-        """``a.b.0.c.weight`` -> ``a_b_0_c``: module paths of weights as kohya writes them."""
-        return underscored(base_name) if base_name.endswith(".weight") else None
+        """``a.b.0.c.weight`` -> ``a_b_0_c.weight``: module paths as kohya writes them, and the parameter."""
+        module, _, param = nm.strip_wrappers(base_name).rpartition(".")
+        return f"{module.replace('.', '_')}.{param}" if param in ("weight", "bias") else None
 
     def _variants(self, name: str) -> list[str]:
-        """``lora_unet_a_b.weight`` -> ``a_b`` (prefix stripped), then ``lora_unet_a_b``."""
-        stem = name.rsplit(".", 1)[0]
-        return [_PREFIX.sub("", stem), stem]
+        """``lora_unet_a_b.weight`` -> ``a_b.weight`` (prefix stripped), then ``lora_unet_a_b.weight``."""
+        stem, param = name.rsplit(".", 1)
+        return [f"{_PREFIX.sub('', stem)}.{param}", name]

@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Protocol
 
 import torch
 
-FeatureAxis = Literal["out", "in"]
+from ..decompose import Axis
 
 
 def low_rank_product(down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -50,7 +50,7 @@ def to_storage(delta: torch.Tensor, shape: torch.Size, *, transposed: bool) -> t
     return delta.T if transposed else delta.reshape(shape)
 
 
-def storage_axis(feature_axis: FeatureAxis, *, transposed: bool) -> int:
+def storage_axis(feature_axis: Axis, *, transposed: bool) -> int:
     """Which dimension of the stored weight indexes the ``out`` or ``in`` features."""
     frame_axis = 0 if feature_axis == "out" else 1
     return 1 - frame_axis if transposed else frame_axis
@@ -79,6 +79,45 @@ def renormalise(weight: torch.Tensor, magnitude: torch.Tensor, *, axis: int, eps
     return weight * torch.where(norm > 0, scale, torch.zeros_like(scale))
 
 
+class Update(Protocol):
+    """What an adapter does to one layer: the merged weight (and bias) from the base's.
+
+    Implementations: :class:`LowRankUpdate` (LoRA, DoRA, VeRA: W0 + s·B·A, optionally
+    renormalised) and :class:`DenseUpdate` (a stored full difference, W0 + ΔW).
+    """
+
+    def apply(self, weight: torch.Tensor, *, transposed: bool = False) -> torch.Tensor:
+        """The merged weight W', float32, laid out like ``weight`` (``[in, out]`` if ``transposed``)."""
+
+    def apply_bias(self, bias: torch.Tensor) -> torch.Tensor:
+        """The merged bias, float32."""
+
+
+@dataclass(frozen=True)
+class DenseUpdate:
+    """A full weight difference, ΔW stored outright: W' = W0 + ΔW, b' = b0 + Δb.
+
+    LyCORIS ``full`` modules save ``diff`` (the layer frame, ``[out, in, *kernel]``) and
+    ``diff_b``; their merge is ``weight + diff`` (``FullModule.get_merged_weight``).
+
+    Attributes:
+        diff: ΔW in the layer frame.
+        bias: Δb, or None.
+    """
+
+    diff: torch.Tensor
+    bias: torch.Tensor | None = None
+
+    def apply(self, weight: torch.Tensor, *, transposed: bool = False) -> torch.Tensor:
+        w0 = weight.float()
+        diff = self.diff.to(w0.device).float()
+        return w0 + to_storage(diff.reshape(diff.shape[0], -1), w0.shape, transposed=transposed)
+
+    def apply_bias(self, bias: torch.Tensor) -> torch.Tensor:
+        b0 = bias.float()
+        return b0 if self.bias is None else b0 + self.bias.to(b0.device).float()
+
+
 @dataclass(frozen=True)
 class LowRankUpdate:
     """One layer's change: ΔW = scale · B·A, then optionally DoRA's magnitude.
@@ -98,7 +137,7 @@ class LowRankUpdate:
     up: torch.Tensor
     scale: float
     magnitude: torch.Tensor | None = None
-    magnitude_axis: FeatureAxis = "out"
+    magnitude_axis: Axis = "out"
     norm_eps: float = 0.0
     bias: torch.Tensor | None = None
 

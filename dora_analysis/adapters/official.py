@@ -9,7 +9,7 @@ Layout: a PEFT-style folder, ``adapter_config.json`` (``"peft_type": "DORA"``, `
   as the weight of ``nn.Linear(1, out_features, bias=False)``.
 
 Its merge is the paper's eq. 5 with one norm per output feature, the norm taken along
-``dim=1`` of the ``[out, in]`` weight (REFERENCE.md section 1: the official
+``dim=1`` of the ``[out, in]`` weight (the official
 ``peft/tuners/dora.py`` takes ``torch.linalg.norm(..., dim=1)``, as PEFT does)::
 
     V  = W0 + (lora_alpha / r) * B @ A

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 from .. import names as nm
-from ..checkpoints import TensorStore
+from ..containers import TensorStore
 from ..errors import InputError
 from ..peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, lora_scale
 from .snapshot import AdapterSnapshot, Target, pair_shapes

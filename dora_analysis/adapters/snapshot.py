@@ -2,8 +2,8 @@
 
 A format reader (PEFT, official DoRA, VeRA, kohya) parses its file into
 
-* **targets**: module name -> :class:`Target`, the weights a low-rank update changes, with
-  the keys of their factors, and
+* **targets**: module name -> :class:`Target`, the weights an update changes, with the keys
+  of what is stored for them (low-rank factors, or a dense difference), and
 * **replacements**: tensor name -> stored key, tensors saved outright that replace the base's
   (PEFT ``modules_to_save``, trained biases, embeddings saved with the adapter).
 
@@ -11,7 +11,7 @@ This class does the rest: :meth:`~AdapterSnapshot.bind` matches names against th
 shape before anything is computed, and settles each target's storage layout;
 :meth:`~AdapterSnapshot.weight` reads one target's factors and builds its W' per call,
 keeping nothing. A format whose factors are not stored as B and A (VeRA) overrides
-:meth:`AdapterSnapshot._update`.
+:meth:`AdapterSnapshot._update`; any :class:`~.merge.Update` will do (a dense difference too).
 """
 
 from __future__ import annotations
@@ -23,10 +23,11 @@ from pathlib import Path
 import torch
 
 from .. import names as nm
-from ..checkpoints import TensorStore
+from ..containers import TensorStore
 from ..errors import InputError
-from ..runs import Snapshot
-from .merge import FeatureAxis, LowRankUpdate
+from ..snapshot import Snapshot
+from ..decompose import Axis
+from .merge import DenseUpdate, LowRankUpdate, Update
 
 
 @dataclass(frozen=True)
@@ -38,15 +39,18 @@ class Target:
         in_features: Columns of the update; None if only the base can tell (VeRA slices its
             shared projections to the base's size; magnitude-only DoRA has no A).
         down: Key of A in the adapter file (VeRA: of ``vera_lambda_d``); None for a
-            magnitude-only update.
+            magnitude-only or a dense update.
         up: Key of B (VeRA: of ``vera_lambda_b``).
         scale: s, the factor on B·A.
         magnitude: Key of DoRA's magnitude vector, if any.
         magnitude_axis: Which features the magnitude runs along.
-        bias: Key of B's own bias (PEFT ``lora_bias``), which also changes the module's bias.
+        bias: Key of B's own bias (PEFT ``lora_bias``), or of a dense update's bias
+            difference: either way it also changes the module's bias.
         kernel: Convolution kernel of A (``(3, 3)``), ``()`` for matrices.
         transposed: True if the base stores this weight ``[in, out]`` whatever its shape
             says (embeddings); False if never (convolutions); None to decide from the base.
+        diff: Key of a dense difference ΔW (layer frame), for formats that store the whole
+            update (LyCORIS ``full``); then ``down`` and ``up`` are None.
     """
 
     out_features: int
@@ -55,15 +59,16 @@ class Target:
     up: str | None
     scale: float = 1.0
     magnitude: str | None = None
-    magnitude_axis: FeatureAxis = "out"
+    magnitude_axis: Axis = "out"
     bias: str | None = None
     kernel: tuple[int, ...] = ()
     transposed: bool | None = None
+    diff: str | None = None
 
     @property
     def key(self) -> str:
         """A stored tensor of this target, to name in messages."""
-        return next(k for k in (self.down, self.up, self.magnitude) if k is not None)
+        return next(k for k in (self.down, self.up, self.magnitude, self.diff) if k is not None)
 
 
 @dataclass(frozen=True)
@@ -114,9 +119,11 @@ class AdapterSnapshot(Snapshot):
 
     # -- what each format provides ---------------------------------------------------------
 
-    def _update(self, module: str, layout: Layout) -> LowRankUpdate:
-        """Read one target's factors (called per :meth:`weight`, so nothing is cached)."""
+    def _update(self, module: str, layout: Layout) -> Update:
+        """Read one target's stored update (called per :meth:`weight`, so nothing is cached)."""
         t = self.targets[module]
+        if t.diff is not None:
+            return DenseUpdate(diff=self.store.get(t.diff), bias=None if t.bias is None else self.store.get(t.bias))
         if t.down is None or t.up is None:
             # Magnitude only (the official DoRA code's `Wdecompose` modules): an empty B·A.
             down, up = torch.zeros(0, layout.in_features, *t.kernel), torch.zeros(t.out_features, 0)

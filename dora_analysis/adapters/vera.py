@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from ..checkpoints import TensorStore
+from ..containers import TensorStore
 from .merge import LowRankUpdate
 from .peft import PeftAdapter
 from .snapshot import Layout, Target

@@ -8,7 +8,6 @@ instant.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -42,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("paths", nargs="+", metavar="PATH", help="BASE then TUNED [TUNED ...]; or one adapter that names its base")
+    p.add_argument("paths", nargs="*", metavar="PATH", help="BASE then TUNED [TUNED ...]; or one adapter that names its base")
     sel = p.add_argument_group("what to analyse")
     sel.add_argument("--modules", metavar="REGEX", help="regex searched in module names (default: 2-D weights inside numbered blocks)")
     sel.add_argument("--all-modules", action="store_true", help="every tensor with >= 2 dims: embeddings, heads, convs too")
@@ -56,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="vectors to normalise: 'out' (default, the paper's and PEFT's: one per output feature, rows of "
         "an [out, in] weight) or 'in' (one per input feature, as some re-implementations do)",
     )
+    sel.add_argument(
+        "--metrics",
+        metavar="NAME[,NAME]",
+        default="md",
+        help="what to measure (default md: magnitude / direction); --list-metrics shows every metric",
+    )
     sel.add_argument("--dora-scale-axis", choices=("out", "in"), help="kohya/LyCORIS dora_scale axis when the shape cannot tell (square matrices)")
     out = p.add_argument_group("output")
     out.add_argument("--out", type=Path, metavar="DIR", help="write layers.csv, summary.csv, summary.json, figures/ and report.md there")
@@ -63,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--no-plots", action="store_true", help="skip figures (and their links in the report)")
     out.add_argument("--expect-sign", choices=("positive", "negative"), help="exit 1 if a run's pooled Pearson r has the other sign")
     out.add_argument("--list", action="store_true", help="list the base's tensors that would be analysed, then exit")
+    out.add_argument("--list-metrics", action="store_true", help="list the metrics and their columns, then exit")
     out.add_argument("--quiet", action="store_true", help="no progress bar, no tables")
     run = p.add_argument_group("running")
     run.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
@@ -114,10 +120,17 @@ def _run(args: argparse.Namespace) -> int:
     import torch
 
     from .. import names as nm
-    from ..analysis import analyze, summarize
-    from ..checkpoints import open_checkpoint
+    from ..analysis import analyze
+    from ..containers import open_checkpoint
     from ..errors import InputError
+    from ..summary import summarize
+    from ..tables import format_layers, format_summary
 
+    if args.list_metrics:
+        print(_describe_metrics())
+        return 0
+    if not args.paths:
+        raise InputError(f"no paths given (usage: {PROG} BASE TUNED [TUNED ...]; {PROG} --help)")
     base, tuned = _resolve_paths(args.paths)
     if args.last is not None and args.last < 1:
         raise InputError("--last must be at least 1")
@@ -141,7 +154,8 @@ def _run(args: argparse.Namespace) -> int:
         steps=_parse_steps(args.steps),
         last=args.last,
         device=args.device,
-        dora_scale_axis=args.dora_scale_axis,
+        metrics=[m.strip() for m in args.metrics.split(",") if m.strip()],
+        reader_options={} if args.dora_scale_axis is None else {"dora_axis": args.dora_scale_axis},
         progress=False if args.quiet else None,
     )
     summary = summarize(layers)
@@ -158,12 +172,26 @@ def _run(args: argparse.Namespace) -> int:
     return _check_sign(summary, args.expect_sign)
 
 
+def _describe_metrics() -> str:
+    """Every registered metric: its name, title, and columns with their descriptions."""
+    from ..metrics import METRICS, build_metrics
+
+    lines = []
+    for metric in build_metrics(METRICS.names()):
+        lines.append(f"{metric.name}: {metric.title}")
+        lines += [f"    {c.name:18s} {c.description}" for c in (*metric.columns, *metric.summary_columns)]
+    return "\n".join(lines)
+
+
 def _check_sign(summary: pd.DataFrame, expect: str | None) -> int:
     """Exit status for ``--expect-sign``: 1 with a one-line reason per failing run."""
+    from ..errors import InputError
     from ..stats import has_sign
 
     if expect is None:
         return 0
+    if "pearson_r" not in summary.columns:
+        raise InputError("--expect-sign checks the md metric's correlation; add md to --metrics")
     failed = 0
     for _, row in summary[summary["kind"] == "all"].iterrows():
         r = row["pearson_r"]
@@ -171,42 +199,6 @@ def _check_sign(summary: pd.DataFrame, expect: str | None) -> int:
             failed += 1
             print(f"{PROG}: sign check failed: run {row['run']}: pearson r = {r:+.3f} over {row['n']} points, expected {expect}", file=sys.stderr)
     return 1 if failed else 0
-
-
-def format_summary(summary: pd.DataFrame) -> str:
-    """The summary as a readable table: r, its interval, rho, slope, n per run and kind."""
-    from ..stats import strength
-
-    t = summary.copy()
-    t["r"] = t["pearson_r"].map(lambda v: f"{v:+.3f}" if math.isfinite(v) else "n/a")
-    t["95% CI"] = [
-        f"[{lo:+.2f}, {hi:+.2f}]" if math.isfinite(lo) else "" for lo, hi in zip(t["r_ci_low"], t["r_ci_high"])
-    ]
-    t["rho"] = t["spearman_rho"].map(lambda v: f"{v:+.3f}" if math.isfinite(v) else "n/a")
-    t["within / between"] = [
-        f"{_fmt(w)} / {_fmt(b)}" for w, b in zip(t["r_within"], t["r_between"])
-    ]
-    t["slope"] = t["slope"].map(lambda v: f"{v:.3g}" if math.isfinite(v) else "n/a")
-    t["reading"] = t["pearson_r"].map(strength)
-    cols = ["run", "method", "kind", "n", "r", "95% CI", "rho", "within / between", "slope", "reading"]
-    return "dM vs dD correlation (Pearson r over matrices x checkpoints)\n" + t[cols].to_string(index=False)
-
-
-def _fmt(v: float) -> str:
-    return f"{v:+.2f}" if math.isfinite(v) else "n/a"
-
-
-def format_layers(layers: pd.DataFrame, *, max_rows: int = 60) -> str:
-    """Per-layer dD / dM at each run's last step, one column per matrix kind."""
-    last = layers[layers["step"] == layers.groupby("run")["step"].transform("max")]
-    cell = last.assign(v=[f"{d:.3g} / {m:.3g}" for d, m in zip(last["delta_d"], last["delta_m"])])
-    table = cell.pivot_table(index=["run", "step", "layer"], columns="kind", values="v", aggfunc="first", dropna=False)
-    table = table.dropna(how="all")
-    text = table.to_string(na_rep="")
-    lines = text.splitlines()
-    if len(lines) > max_rows:
-        lines = lines[:max_rows] + [f"... ({len(lines) - max_rows} more lines in layers.csv)"]
-    return "dD / dM per layer at each run's last step\n" + "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..checkpoints import open_checkpoint
+from ..containers import open_checkpoint
 from ..errors import InputError
 from ..names import match_names
 from .checkpoint import CheckpointWriter, MetricsLog, adapter_config, check_run_folder, claim_run_folder

@@ -1,0 +1,155 @@
+"""Checkpoint containers: finding and lazily reading full checkpoints, one tensor at a time.
+
+Every container reader is one entry in :data:`CONTAINERS`, tried in order, first match wins.
+A reader says whether it ``claims`` a path (a file or a folder) and ``open``\\ s it as a
+:class:`TensorStore`: a read-only mapping from tensor name to tensor that reads nothing until
+asked (``keys()`` and ``shape()`` come from headers and indexes, ``get()`` reads one tensor).
+Built in:
+
+* ``sharded-index``: sharded checkpoints, ``*.index.json`` (``{"weight_map": {name: shard}}``);
+* ``safetensors``: a ``.safetensors`` file (header checked on open, each tensor mapped only
+  while in use);
+* ``torch-pickle``: ``.bin`` / ``.pt`` / ``.pth`` / ``.ckpt``, loaded with ``weights_only=True``
+  (never running pickled code) and memory-mapped where the file format allows;
+* ``weights-folder``: a folder holding one of these (see :func:`find_checkpoint_file`).
+
+A container that is a folder of its own (a torch distributed checkpoint, say) registers with
+``first=True`` so it is tried before ``weights-folder``. Anything unreadable raises
+:class:`~dora_analysis.errors.InputError` naming the file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import InputError
+from ..registry import Registry
+from .base import TensorStore
+from .safetensors import SAFETENSORS_SUFFIXES, SafetensorsStore
+from .sharded import ShardedStore
+from .torch_pickle import PICKLE_SUFFIXES, TorchStore
+
+__all__ = [
+    "CONTAINERS", "ContainerReader", "TensorStore", "open_checkpoint", "open_file", "find_checkpoint_file",
+    "SafetensorsStore", "ShardedStore", "TorchStore", "SAFETENSORS_SUFFIXES", "PICKLE_SUFFIXES",
+]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ContainerReader:
+    """One checkpoint container format.
+
+    Attributes:
+        name: Short name, for messages and :meth:`Registry.unregister`.
+        claims: Whether a path (file or folder) is in this format; cheap (names, not data).
+        open: Open a claimed path as a lazy :class:`TensorStore`.
+        describes: What the format looks like on disk, listed when nothing claims a path.
+    """
+
+    name: str
+    claims: Callable[[Path], bool]
+    open: Callable[[Path], TensorStore]
+    describes: str
+
+
+CONTAINERS: Registry[ContainerReader] = Registry("container reader")
+
+# Looked for in this order inside a checkpoint folder; the first that exists wins.
+_FOLDER_CANDIDATES = (
+    "model.safetensors.index.json",
+    "model.safetensors",
+    "pytorch_model.bin.index.json",
+    "pytorch_model.bin",
+)
+# Files beside the weights that a training run writes and that are never the model.
+_NOT_WEIGHTS = ("optimizer", "scheduler", "rng_state", "training_args")
+
+
+def find_checkpoint_file(folder: Path) -> Path | None:
+    """The weights file a checkpoint folder holds, or None.
+
+    Order: ``model.safetensors.index.json``, ``model.safetensors``,
+    ``pytorch_model.bin.index.json``, ``pytorch_model.bin``; else the only
+    ``*.safetensors.index.json``, ``*.bin.index.json``, ``*.safetensors`` or pickle file.
+    """
+    for name in _FOLDER_CANDIDATES:
+        if (folder / name).is_file():
+            return folder / name
+    for pattern in ("*.safetensors.index.json", "*.bin.index.json", "*.safetensors", *(f"*{s}" for s in PICKLE_SUFFIXES)):
+        found = sorted(p for p in folder.glob(pattern) if p.is_file() and not p.name.startswith(_NOT_WEIGHTS))
+        if len(found) == 1:
+            return found[0]
+        if len(found) > 1:
+            raise InputError(
+                f"several candidate weight files ({', '.join(p.name for p in found[:4])})",
+                path=folder,
+                hint="point at one file, or add an index.json that lists the shards",
+            )
+    return None
+
+
+def _is_file_with(suffixes: tuple[str, ...]) -> Callable[[Path], bool]:
+    return lambda path: path.is_file() and path.name.endswith(suffixes)
+
+
+def _weights_folder(path: Path) -> bool:
+    return path.is_dir() and find_checkpoint_file(path) is not None
+
+
+def _open_weights_folder(folder: Path) -> TensorStore:
+    found = find_checkpoint_file(folder)
+    assert found is not None  # claimed
+    return open_file(found)
+
+
+CONTAINERS.register(
+    ContainerReader("sharded-index", _is_file_with((".index.json",)), lambda p: ShardedStore(p, open_file), "a *.index.json of shards")
+)
+CONTAINERS.register(ContainerReader("safetensors", _is_file_with(SAFETENSORS_SUFFIXES), SafetensorsStore, ".safetensors"))
+CONTAINERS.register(ContainerReader("torch-pickle", _is_file_with(PICKLE_SUFFIXES), TorchStore, "/".join(PICKLE_SUFFIXES)))
+CONTAINERS.register(ContainerReader("weights-folder", _weights_folder, _open_weights_folder, "a folder holding one of these"))
+
+
+def _reader_for(path: Path) -> ContainerReader | None:
+    return next((reader for reader in CONTAINERS if reader.claims(path)), None)
+
+
+def open_file(path: Path) -> TensorStore:
+    """Open one checkpoint file (safetensors, pickle, an index of shards, or a registered format)."""
+    reader = _reader_for(path) if path.is_file() else None
+    if reader is None:
+        raise InputError("unknown checkpoint format", path=path, hint=f"expected {_formats()}")
+    return reader.open(path)
+
+
+def _formats() -> str:
+    return ", ".join(reader.describes for reader in CONTAINERS)
+
+
+def open_checkpoint(path: str | Path) -> TensorStore:
+    """Open a full checkpoint: a weights file, or a folder that a registered container claims.
+
+    Args:
+        path: A ``.safetensors``/``.bin``/``.pt`` file, a ``*.index.json``, or a folder.
+
+    Returns:
+        A lazy :class:`TensorStore`.
+
+    Raises:
+        InputError: The path is missing, holds no checkpoint, or cannot be read.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError("no such file or folder", path=path)
+    reader = _reader_for(path)
+    if reader is not None:
+        return reader.open(path)
+    if path.is_dir():
+        raise InputError(
+            "no checkpoint in folder",
+            path=path,
+            hint="expected model.safetensors, pytorch_model.bin, a sharded index, or checkpoint-N/ subfolders",
+        )
+    raise InputError("unknown checkpoint format", path=path, hint=f"expected {_formats()}")

@@ -1,0 +1,72 @@
+"""The lazy tensor store every checkpoint container reader returns."""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import InputError
+
+
+class TensorStore(ABC):
+    """Read-only, lazy name -> tensor mapping backed by one checkpoint on disk."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @abstractmethod
+    def keys(self) -> list[str]:
+        """All tensor names, in file order."""
+
+    @abstractmethod
+    def shape(self, key: str) -> tuple[int, ...]:
+        """Shape of ``key`` without reading its data."""
+
+    @abstractmethod
+    def _read(self, key: str) -> torch.Tensor:
+        """Read one tensor (in its stored dtype)."""
+
+    def get(self, key: str) -> torch.Tensor:
+        """Read tensor ``key`` in its stored dtype.
+
+        Raises:
+            InputError: The name is absent or the bytes cannot be read.
+        """
+        if key not in self:
+            raise InputError("no such tensor in checkpoint", path=self.path, tensor=key)
+        return self._read(key)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._key_set
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self._key_set)
+
+    @cached_property
+    def _key_set(self) -> frozenset[str]:
+        return frozenset(self.keys())
+
+    @cached_property
+    def config(self) -> dict[str, Any]:
+        """The ``config.json`` beside the checkpoint (Hugging Face model config), or ``{}``."""
+        folder = self.path if self.path.is_dir() else self.path.parent
+        cfg = folder / "config.json"
+        if not cfg.is_file():
+            return {}
+        try:
+            data = json.loads(cfg.read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.path)!r}, {len(self)} tensors)"

@@ -1,0 +1,78 @@
+"""Summaries of the analyzer's table: pandas only, no tensors.
+
+:func:`summarize` gives one row per run and matrix kind (plus a pooled ``all`` row per run),
+its columns collected from the metrics that made the table (each metric's ``summarize``
+hook); :func:`magnitude_direction` says whether the vectors grew or shrank.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pandas as pd
+
+from .metrics import Metric, build_metrics, metrics_of, summary_columns
+
+# The default summary's columns (the ``md`` metric's), derived from the metric's column specs.
+SUMMARY_COLUMNS: list[str] = [c.name for c in summary_columns(build_metrics())]
+
+
+def summarize(df: pd.DataFrame, *, metrics: Sequence[Metric] | None = None, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """Per run and matrix kind, plus a pooled ``all`` row per run: each metric's summary.
+
+    For the ``md`` metric that is the correlation of dM with dD: ``pearson_r`` /
+    ``pearson_p``, ``spearman_rho``, ``slope`` / ``intercept`` (OLS of dM on dD), the
+    within-matrix and between-matrix parts of r, and its 95% cluster-bootstrap interval
+    (resampling matrices).
+
+    Args:
+        df: The output of :func:`~dora_analysis.analyze` (or any frame with ``run``,
+            ``method``, ``kind``, ``module`` and a metric's columns).
+        metrics: Whose summaries to compute; default: every registered metric whose columns
+            are all in ``df``.
+        n_boot: Bootstrap replicates for intervals (0 to skip).
+        seed: Seed of the bootstrap.
+
+    Returns:
+        One row per (run, kind), then (run, ``all``), with the columns of
+        :func:`dora_analysis.metrics.summary_columns` (for ``md``: :data:`SUMMARY_COLUMNS`).
+    """
+    metrics = metrics_of(df.columns) if metrics is None else list(metrics)
+    metrics = [m for m in metrics if m.summary_columns]
+    rows: list[dict[str, object]] = []
+    for run, part in df.groupby("run", sort=False):
+        method = part["method"].iloc[0]
+        groups = [(k, p) for k, p in part.groupby("kind", sort=True)]
+        groups.append(("all", part))
+        for kind, sub in groups:
+            row: dict[str, object] = {"run": run, "method": method, "kind": kind}
+            for metric in metrics:
+                row.update(metric.summarize(sub, n_boot=n_boot, seed=seed))
+            rows.append(row)
+    return pd.DataFrame(rows, columns=[c.name for c in summary_columns(metrics)])
+
+
+def magnitude_direction(df: pd.DataFrame) -> pd.DataFrame:
+    """Do the vectors grow or shrink? The signed magnitude change per run and matrix kind.
+
+    dM is an absolute change, so it cannot tell a fine-tune that lengthens rows from one that
+    shortens them; weight decay shortens them, and that drives the sign of the correlation.
+
+    Returns:
+        One row per (run, kind): ``n`` points, ``delta_m_signed`` (mean of m_t - m_0),
+        ``relative`` (that mean over the base norm), and ``shrink_share``, the share of points
+        whose vectors got shorter on average.
+    """
+    grouped = df.assign(
+        relative=df["delta_m_signed"] / df["base_norm"],
+        shrinks=(df["delta_m_signed"] < 0).astype(float),
+    ).groupby(["run", "method", "kind"], sort=False)
+    out = grouped.agg(
+        n=("delta_m_signed", "size"),
+        delta_m_signed=("delta_m_signed", "mean"),
+        relative=("relative", "mean"),
+        shrink_share=("shrinks", "mean"),
+    )
+    return out.reset_index()
+
+
