@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 
 from . import names as nm
+from .cache import ResultCache
 from .containers import TensorStore, open_checkpoint
 from .decompose import Axis
 from .engine import ENGINES, ExecutionPolicy
@@ -92,6 +93,7 @@ def analyze(
     engine: str = "serial",
     policy: ExecutionPolicy | None = None,
     progress: bool | None = None,
+    cache: PathLike | None = None,
 ) -> pd.DataFrame:
     """Per-matrix change of tuned checkpoints against a base, one row per (run, step, matrix).
 
@@ -118,6 +120,9 @@ def analyze(
         policy: Thread count and block sizes (default :class:`ExecutionPolicy`); they never
             change the numbers beyond float64 rounding.
         progress: Show a progress bar on stderr (default: when stderr is a terminal).
+        cache: A folder of stored results (:mod:`dora_analysis.cache`, usually ``DIR/.cache``):
+            jobs measured before are taken from it without reading their tensors, new ones
+            are added to it. None: compute everything.
 
     Returns:
         The identity columns (``run``, ``method``, ``step``, ``module``, ``layer``, ``kind``),
@@ -145,10 +150,22 @@ def analyze(
         what = f"--modules {modules!r}" if modules else "the default selection (2-D weights inside numbered blocks)"
         raise InputError(f"no tensor matches {what}", path=store.path, hint="list names with `dora-analyze --list BASE`")
     plan = build_plan(store, runs, selected)
-    records = ENGINES[engine].run(
-        plan, store, chosen, device=torch.device(device), policy=policy or ExecutionPolicy(), progress=progress
-    )
-    return _table(records, runs, chosen)
+    policy = policy or ExecutionPolicy()
+    stored, cached = None, []
+    if cache is not None:
+        # Split before the engine runs: a cached job never reads its tuned tensor.
+        stored = ResultCache(cache, store.path, chosen, _cache_context(torch.device(device), policy, reader_options))
+        if stored.usable:
+            plan, cached = stored.split(plan)
+    records = ENGINES[engine].run(plan, store, chosen, device=torch.device(device), policy=policy, progress=progress) if plan else []
+    if stored is not None and stored.usable:
+        stored.save(plan, records)
+    return _table([*cached, *records], runs, chosen)
+
+
+def _cache_context(device: torch.device, policy: ExecutionPolicy, reader_options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """What, besides the files and the metric, a stored number depends on."""
+    return {"device": device.type, "block_elements": policy.block_for(device), "reader_options": dict(reader_options or {})}
 
 
 def _table(records: list[dict[str, object]], runs: list[Run], metrics: Sequence[Metric]) -> pd.DataFrame:

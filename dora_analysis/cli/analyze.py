@@ -70,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--list", action="store_true", help="list the base's tensors that would be analysed, then exit")
     out.add_argument("--list-metrics", action="store_true", help="list the metrics and their columns, then exit")
     out.add_argument("--quiet", action="store_true", help="no progress bar, no tables")
+    out.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="recompute everything; by default results are stored in DIR/.cache and a rerun measures only new checkpoints",
+    )
     run = p.add_argument_group("running")
     run.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     run.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -157,6 +162,7 @@ def _run(args: argparse.Namespace) -> int:
         metrics=[m.strip() for m in args.metrics.split(",") if m.strip()],
         reader_options={} if args.dora_scale_axis is None else {"dora_axis": args.dora_scale_axis},
         progress=False if args.quiet else None,
+        cache=None if args.out is None or args.no_cache else args.out / ".cache",
     )
     summary = summarize(layers)
     if not args.quiet:

@@ -1,0 +1,244 @@
+"""The incremental result cache: what ``analyze`` measured once, it never measures again.
+
+Results are stored per (base, tuned snapshot, metric and its version, options) in one CSV file
+each under the output folder (``DIR/.cache/<key>.csv``, one row per base tensor), so a rerun
+on a run folder that gained checkpoints computes only the new ones. The plan is split
+*before* the engine runs (:meth:`ResultCache.split`): a job found here is never handed to the
+engine, so its tuned tensor is never read, and a task whose every job is cached does not read
+its base matrix either.
+
+What makes a stored result valid:
+
+* **Snapshot identity** (:func:`identity`): for each file that can hold weights or the
+  settings that shape them (weights, ``*.index.json``, ``config.json``,
+  ``adapter_config.json``), its name, size and modification time, plus a hash of the
+  safetensors header or of the small JSON file; never the whole of a large file. The same
+  for the base. A re-saved or edited checkpoint is a different snapshot.
+* **The metric**: its name, ``version`` (bumped when its numbers change) and its settings
+  (``axis`` ...); and the execution settings that could touch the last bits (device type,
+  block size) and the adapter reader options.
+* **The matrix**: the tensor name and its storage layout (``fan_in_fan_out``).
+
+Values are written as Python's shortest round-trip text (``repr`` of a float), and read back
+with ``float()``, so a cached number is bit for bit the number first computed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from .metrics import Column, Metric
+from .plan import Job, Task
+
+Record = dict[str, object]
+
+CACHE_DIR = ".cache"
+# Files in a checkpoint folder that may hold weights or the settings that shape them.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".json")
+# Files a training run writes beside the weights that never change them (and that a trainer
+# deletes or rewrites later: they must not change the snapshot's identity).
+_NOT_WEIGHTS = ("optimizer", "scheduler", "rng_state", "training_args", "trainer_state", "scaler")
+# JSON files up to this size are hashed whole (configs, shard indexes); larger ones by size and time.
+_SMALL_JSON = 1 << 20
+_MAX_HEADER = 100_000_000
+
+
+def _matters(path: Path) -> bool:
+    return path.is_file() and path.name.endswith(_WEIGHT_SUFFIXES) and not path.name.startswith(_NOT_WEIGHTS)
+
+
+def _content_digest(path: Path) -> bytes:
+    """A hash of a safetensors file's header, or of a small JSON file; else nothing."""
+    try:
+        with path.open("rb") as fh:
+            if path.name.endswith(".safetensors"):
+                head = fh.read(8)
+                size = int.from_bytes(head, "little") if len(head) == 8 else 0
+                return hashlib.sha256(head + fh.read(min(size, _MAX_HEADER))).digest()
+            if path.name.endswith(".json") and path.stat().st_size <= _SMALL_JSON:
+                return hashlib.sha256(fh.read()).digest()
+    except OSError:
+        return b"unreadable"
+    return b""
+
+
+def identity(path: str | os.PathLike[str]) -> str | None:
+    """A cheap, safe identity of a checkpoint: a folder's weight files, or one file and its configs.
+
+    Args:
+        path: A checkpoint or adapter folder, or a weights file.
+
+    Returns:
+        A hex digest, or None if the path does not exist (an in-memory state has no identity).
+    """
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if _matters(p))
+    elif path.is_file():
+        siblings = [path.parent / "config.json", path.parent / "adapter_config.json"]
+        if path.name.endswith(".index.json"):
+            siblings += [p for p in path.parent.iterdir() if _matters(p)]
+        files = [path, *sorted({p for p in siblings if p != path and p.is_file()})]
+    else:
+        return None
+    digest = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        digest.update(f"{f.name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+        digest.update(_content_digest(f))
+    return digest.hexdigest()
+
+
+def metric_settings(metric: Metric) -> dict[str, Any]:
+    """A metric's name, version and settings (its public instance attributes, e.g. ``axis``)."""
+    options = {k: v for k, v in sorted(vars(metric).items()) if not k.startswith("_")}
+    return {"name": metric.name, "version": metric.version, "options": options}
+
+
+def _encode(value: object, dtype: str) -> str:
+    """A value as text that reads back exactly (floats: Python's shortest round-trip repr)."""
+    if dtype == "float64":
+        return repr(float(value))  # type: ignore[arg-type]
+    if dtype == "int64":
+        return str(int(value))  # type: ignore[call-overload]
+    return str(value)
+
+
+def _decode(text: str, dtype: str) -> object:
+    if dtype == "float64":
+        return float(text)
+    if dtype == "int64":
+        return int(text)
+    return text
+
+
+class ResultCache:
+    """Stored results of one analysis setting, in ``folder``.
+
+    Args:
+        folder: Where the files live (``DIR/.cache``); created on first write.
+        base_path: The base checkpoint's path (its identity is part of every key).
+        metrics: The chosen metrics.
+        context: Other settings the numbers depend on (device type, block size, reader
+            options): any JSON-able mapping.
+    """
+
+    def __init__(self, folder: str | os.PathLike[str], base_path: Path, metrics: Sequence[Metric], context: Mapping[str, Any]) -> None:
+        self.folder = Path(folder)
+        self.metrics = list(metrics)
+        self.base_id = identity(base_path)
+        self._context = json.dumps(context, sort_keys=True, default=repr)
+        self._ids: dict[Path, str | None] = {}
+        self._tables: dict[Path, dict[str, dict[str, str]]] = {}
+
+    @property
+    def usable(self) -> bool:
+        """Whether stored results can stand in for computed ones.
+
+        False when the base has no identity on disk (an in-memory base), or when a metric
+        compares the tuned versions of a matrix with each other (``directions``, for the
+        subspace pairs): those need every version in the same task, cached or not.
+        """
+        return self.base_id is not None and not any(hasattr(m, "directions") for m in self.metrics)
+
+    def _snapshot_id(self, job: Job) -> str | None:
+        path = Path(job.snapshot.path)
+        if path not in self._ids:
+            self._ids[path] = identity(path)
+        return self._ids[path]
+
+    def _file(self, job: Job, metric: Metric) -> Path | None:
+        snap = self._snapshot_id(job)
+        if snap is None or self.base_id is None:
+            return None
+        key = json.dumps([self.base_id, snap, metric_settings(metric), self._context], sort_keys=True, default=repr)
+        return self.folder / f"{hashlib.sha256(key.encode()).hexdigest()[:40]}.csv"
+
+    def _table(self, file: Path) -> dict[str, dict[str, str]]:
+        """A cache file's rows by tensor name, as text (read once per analysis)."""
+        if file not in self._tables:
+            rows: dict[str, dict[str, str]] = {}
+            if file.is_file():
+                try:
+                    frame = pd.read_csv(file, dtype=str, keep_default_na=False)
+                    rows = {r["tensor"]: r for r in frame.to_dict("records")}
+                except (OSError, ValueError, KeyError, pd.errors.ParserError):
+                    rows = {}  # a damaged cache file is recomputed, never trusted
+            self._tables[file] = rows
+        return self._tables[file]
+
+    def _lookup(self, task: Task, job: Job) -> Record | None:
+        record: Record = {"run": job.run, "method": job.method, "step": job.step, "module": task.module}
+        for metric in self.metrics:
+            file = self._file(job, metric)
+            row = None if file is None else self._table(file).get(task.name)
+            if row is None or row.get("fan_in_fan_out") != str(task.fan_in_fan_out):
+                return None
+            try:
+                record.update({c.name: _decode(row[c.name], c.dtype) for c in metric.columns})
+            except (KeyError, ValueError):
+                return None
+        return record
+
+    def split(self, plan: Sequence[Task]) -> tuple[list[Task], list[Record]]:
+        """Separate the jobs already measured from those to compute.
+
+        Returns:
+            The plan left to run (tasks with only their uncached jobs; tasks with none are
+            dropped, so their base matrix is not read) and the cached records.
+        """
+        todo: list[Task] = []
+        cached: list[Record] = []
+        for task in plan:
+            left = []
+            for job in task.jobs:
+                record = self._lookup(task, job)
+                if record is None:
+                    left.append(job)
+                else:
+                    cached.append(record)
+            if left:
+                todo.append(Task(task.name, task.module, task.fan_in_fan_out, tuple(left)))
+        return todo, cached
+
+    def save(self, plan: Sequence[Task], records: Sequence[Record]) -> None:
+        """Store the engine's records for the plan it ran; each touched file rewritten atomically."""
+        where = {(job.run, job.step, task.module): (task, job) for task in plan for job in task.jobs}
+        changed: dict[Path, Sequence[Column]] = {}
+        for record in records:
+            found = where.get((record["run"], record["step"], record["module"]))  # type: ignore[arg-type]
+            if found is None:
+                continue
+            task, job = found
+            for metric in self.metrics:
+                file = self._file(job, metric)
+                if file is None:
+                    continue
+                row = {"tensor": task.name, "fan_in_fan_out": str(task.fan_in_fan_out)}
+                row.update({c.name: _encode(record[c.name], c.dtype) for c in metric.columns})
+                self._table(file)[task.name] = row
+                changed[file] = metric.columns
+        for file, columns in sorted(changed.items()):
+            self._write(file, columns)
+
+    def _write(self, file: Path, columns: Sequence[Column]) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        header = ["tensor", "fan_in_fan_out", *(c.name for c in columns)]
+        rows = [[row[h] for h in header] for row in self._tables[file].values() if all(h in row for h in header)]
+        frame = pd.DataFrame(rows, columns=header)
+        fd, tmp = tempfile.mkstemp(prefix=f".{file.stem}.", suffix=".tmp", dir=self.folder)
+        try:
+            with os.fdopen(fd, "w", newline="") as fh:
+                frame.to_csv(fh, index=False)
+            os.replace(tmp, file)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
