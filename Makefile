@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 OUT    ?= runs/reproduce
 
-.PHONY: install demo test test-slow bench clean
+.PHONY: install demo test lint test-slow bench clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -18,8 +18,14 @@ install: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(VENV)/bin/dora-reproduce --out $(OUT)
 
-test: $(VENV)/.installed
+# The guard rails first (seconds), then the suite.
+test: lint
 	$(PY) -m pytest -q
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check dora_analysis tests benchmarks
+	$(VENV)/bin/ruff format --check dora_analysis tests benchmarks
+	$(VENV)/bin/lint-imports
 
 test-slow: $(VENV)/.installed
 	$(PY) -m pytest -q -m slow
