@@ -28,6 +28,7 @@ quick start:
   dora-analyze base/ tuned/ --modules 'attention\\.self\\.query' --last 4
   dora-analyze base/ runs/lora --expect-sign positive      # regression check, exit 1 if not
   dora-analyze runs/dora/checkpoint-240                    # an adapter naming its local base
+  dora-analyze base/ runs/dora --watch --out report/       # each checkpoint as training writes it
 
 exit status: 0 ok, 1 --expect-sign failed, 2 bad input.
 """
@@ -75,6 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="recompute everything; by default results are stored in DIR/.cache and a rerun measures only new checkpoints",
     )
+    out.add_argument(
+        "--watch",
+        action="store_true",
+        help="keep polling the TUNED run folders and analyse each checkpoint once it is complete, rewriting --out DIR "
+        "after each; stop with Ctrl-C",
+    )
+    out.add_argument("--until-step", type=int, metavar="N", help="with --watch: stop once every run has a checkpoint at step N or later")
+    out.add_argument("--poll", type=float, default=5.0, metavar="SECONDS", help="with --watch: seconds between looks at the run folders (default 5)")
     run = p.add_argument_group("running")
     run.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     run.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -149,6 +158,11 @@ def _run(args: argparse.Namespace) -> int:
             print(f"{name}\t{list(shapes[name])}")
         return 0
 
+    if args.until_step is not None and not args.watch:
+        raise InputError("--until-step goes with --watch")
+    if args.watch:
+        return _watch(args, base, tuned)
+
     layers = analyze(
         base,
         tuned,
@@ -176,6 +190,46 @@ def _run(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"\nwrote {len(written)} files to {args.out}/ (report: {args.out / 'report.md'})")
     return _check_sign(summary, args.expect_sign)
+
+
+def _watch(args: argparse.Namespace, base: Path, tuned: list[Path]) -> int:
+    """``--watch``: analyse each checkpoint once it is complete, rewriting --out after each."""
+    import pandas as pd
+
+    from ..errors import InputError
+    from ..watch import watch
+
+    if args.out is None:
+        raise InputError("--watch rewrites its results in --out DIR after each checkpoint; give one")
+
+    def report(layers: pd.DataFrame, summary: pd.DataFrame) -> None:
+        if not args.quiet:
+            last = {run: int(part["step"].max()) for run, part in layers.groupby("run", sort=False)}
+            print(f"{PROG}: {', '.join(f'{r} at step {s}' for r, s in last.items())}; wrote {args.out}/", flush=True)
+
+    if not args.quiet:
+        print(f"{PROG}: watching {', '.join(map(str, tuned))} (Ctrl-C stops)", flush=True)
+    watch(
+        base,
+        tuned,
+        args.out,
+        until_step=args.until_step,
+        poll=args.poll,
+        cache=not args.no_cache,
+        plots=not args.no_plots,
+        fmt=args.format,
+        on_update=report,
+        reader_options={} if args.dora_scale_axis is None else {"dora_axis": args.dora_scale_axis},
+        modules=args.modules,
+        all_modules=args.all_modules,
+        method=args.method,
+        axis=args.axis,
+        steps=_parse_steps(args.steps),
+        last=args.last,
+        device=args.device,
+        metrics=[m.strip() for m in args.metrics.split(",") if m.strip()],
+    )
+    return 0
 
 
 def _describe_metrics() -> str:
