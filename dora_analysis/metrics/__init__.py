@@ -24,11 +24,17 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from ..registry import Registry
+from .amplification import Amplification
 from .base import GROUP_COLUMNS, ID_COLUMNS, Column, MatrixContext, Metric
+from .intruders import IntruderDimensions
 from .md import MagnitudeDirection
+from .spectrum import UpdateSpectrum
 
 METRICS: Registry[type] = Registry("metric")
 METRICS.register(MagnitudeDirection)
+METRICS.register(UpdateSpectrum)
+METRICS.register(IntruderDimensions)
+METRICS.register(Amplification)
 
 DEFAULT_METRICS: tuple[str, ...] = ("md",)
 
