@@ -100,3 +100,37 @@ def test_callback_equals_dora_analyze_and_leaves_training_unchanged(tmp_path: Pa
     assert torch.equal(_logits(trainer.model), _logits(plain.model))
     for (name, a), (_, b) in zip(trainer.model.state_dict().items(), plain.model.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
+
+
+# --- the built-in trainer: the same code path ------------------------------------------------------
+
+from .test_train_run import _config, tiny_base  # noqa: E402, F401  (a module fixture, reused)
+
+
+@pytest.mark.parametrize("method", ["ft", "dora"])
+def test_dora_train_writes_the_decomposition_dora_analyze_computes(
+    tiny_base: Path,
+    tmp_path: Path,
+    method: str,
+    monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+) -> None:
+    from safetensors.torch import load_file
+
+    from dora_analysis.integrations.live import LiveDecomposition
+    from dora_analysis.train import train
+
+    run = tmp_path / "run"
+    train(_config(tiny_base, run, method))
+    key = ["step", "module"]
+    got = pd.read_csv(run / "decomposition.csv").sort_values(key, kind="stable").reset_index(drop=True)
+    expected = da.analyze(tiny_base, run).sort_values(key, kind="stable").reset_index(drop=True)
+    assert sorted(got["step"].unique()) == [2, 4] and list(got.columns) == list(expected.columns)
+    pd.testing.assert_frame_equal(got, expected, check_dtype=False, check_exact=False, rtol=1e-9, atol=0)
+
+    if method == "dora":  # the trained weights are those of a run that measures nothing
+        monkeypatch.setattr(LiveDecomposition, "measure", lambda self, step, snapshot: None)
+        train(_config(tiny_base, tmp_path / "plain", method))
+        for name in ("checkpoint-2", "checkpoint-4"):
+            a = load_file(run / name / "adapter_model.safetensors")
+            b = load_file(tmp_path / "plain" / name / "adapter_model.safetensors")
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

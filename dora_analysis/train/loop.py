@@ -20,10 +20,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..adapters.peft import PeftLora
 from ..containers import open_checkpoint
 from ..errors import InputError
+from ..integrations.live import LiveDecomposition, MemoryStore
 from ..names import match_names
-from .checkpoint import CheckpointWriter, MetricsLog, adapter_config, check_run_folder, claim_run_folder
+from ..peft_format import ADAPTER_SAFETENSORS
+from ..snapshot import FullSnapshot, Snapshot
+from .checkpoint import FULL_WEIGHTS, CheckpointWriter, MetricsLog, adapter_config, adapter_tensors, check_run_folder, claim_run_folder
 from .config import TrainConfig
 from .data import BatchOrder, Example, TokenizedData, eval_sample, num_labels, read_examples, synthetic_task, tokenize
 from .model import EncoderClassifier, add_adapters, default_model_path, find_targets, load_tokenizer, trainable
@@ -146,6 +150,17 @@ def make_writer(config: TrainConfig, model: EncoderClassifier, model_path: Path)
     return CheckpointWriter(config.out, method=config.method, base_path=model_path, peft_config=peft)
 
 
+def live_snapshot(writer: CheckpointWriter, model: EncoderClassifier, step: int) -> Snapshot:
+    """The checkpoint ``writer`` saves at ``step``, still in memory: the same tensors under the
+    same names, read by the same reader as ``dora-analyze`` reads the saved folder."""
+    folder = writer.folder / f"checkpoint-{step}"
+    if writer.method == "ft":
+        tensors = {writer.full_names.get(k, k): v for k, v in model.state_dict().items()}
+        return FullSnapshot(MemoryStore(tensors, folder / FULL_WEIGHTS))
+    tensors = {k: v.detach() for k, v in adapter_tensors(model).items()}
+    return PeftLora(folder, dict(writer.peft_config or {}), MemoryStore(tensors, folder / ADAPTER_SAFETENSORS))
+
+
 @torch.no_grad()
 def evaluate(model: EncoderClassifier, data: TokenizedData, indices: torch.Tensor, device: torch.device) -> dict[str, float]:
     """Mean loss and accuracy over ``indices``, in eval mode (no dropout, no RNG drawn)."""
@@ -208,6 +223,10 @@ def train(config: TrainConfig) -> TrainResult:
         result.resumed_from = start
     metrics = MetricsLog(config.out / "metrics.csv")
     metrics.reset(result.history)
+    # decomposition.csv: each checkpoint measured in memory as it is saved, as `dora-analyze
+    # MODEL OUT` would measure it from disk (same plan, engine, metrics and adapter reader).
+    decomposition = LiveDecomposition(open_checkpoint(model_path), config.out, run=config.out.name)
+    decomposition.resume(start)
     trainer_state = {
         "max_steps": config.steps,
         "method": config.method,
@@ -247,5 +266,6 @@ def train(config: TrainConfig) -> TrainResult:
             epoch, batch_index = order.position(step + 1)  # where the data stream continues
             state = {**trainer_state, "data_position": {"epoch": epoch, "batch": batch_index}, "log_history": result.history}
             result.checkpoints.append(writer.save(step + 1, model, optimizer, scheduler, state))
+            decomposition.measure(step + 1, live_snapshot(writer, model, step + 1))
     bar.close()
     return result
