@@ -19,6 +19,12 @@ Usage::
 
     python benchmarks/bench_train.py                 # the table in docs/benchmarks.md
     python benchmarks/bench_train.py --rounds 5      # quicker, noisier
+    python benchmarks/bench_train.py --callback      # DecompositionCallback overhead (target <= 1.05)
+
+``--callback`` times ``transformers.Trainer`` on the reference configuration (PEFT DoRA on the
+MiniLM encoder, r = 8, query and value, batch 16, a save every 15 steps) with and without
+:class:`dora_analysis.integrations.hf.DecompositionCallback`, alternating in one process, and
+reports the ratio of the median training times (the saves happen in both runs alike).
 """
 
 from __future__ import annotations
@@ -230,6 +236,41 @@ def time_norms(sizes: tuple[int, ...] = (384, 4096), rank: int = 8, repeats: int
 # --- report --------------------------------------------------------------------------------------
 
 
+def callback_overhead(model_path: Path, *, steps: int, save_every: int, rounds: int, out: Path) -> dict[str, list[float]]:
+    """Seconds of ``trainer.train()`` with and without the callback, alternating, ``rounds`` each."""
+    import shutil
+
+    import peft
+    import transformers
+
+    from dora_analysis.integrations.hf import DecompositionCallback
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, 20000, (steps * 16, 32), generator=g)
+    labels = torch.randint(0, 2, (steps * 16,), generator=g)
+    data = [{"input_ids": i, "attention_mask": torch.ones_like(i), "labels": y} for i, y in zip(ids, labels, strict=True)]
+    times: dict[str, list[float]] = {"plain": [], "callback": []}
+    for r in range(rounds):
+        for variant in ("plain", "callback") if r % 2 == 0 else ("callback", "plain"):
+            torch.manual_seed(0)
+            model = transformers.AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=2)
+            config = peft.LoraConfig(r=8, lora_alpha=16, use_dora=True, target_modules=["query", "value"], task_type="SEQ_CLS")
+            model = peft.get_peft_model(model, config)
+            folder = out / f"{variant}-{r}"
+            args = transformers.TrainingArguments(
+                output_dir=str(folder), max_steps=steps, save_steps=save_every, save_only_model=True, per_device_train_batch_size=16,
+                learning_rate=1e-3, logging_steps=save_every, report_to="none", use_cpu=not torch.cuda.is_available(),
+                disable_tqdm=True, seed=0,
+            )  # fmt: skip
+            callbacks = [DecompositionCallback(figures=False)] if variant == "callback" else []
+            trainer = transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=callbacks)
+            start = time.perf_counter()
+            trainer.train()
+            times[variant].append(time.perf_counter() - start)
+            shutil.rmtree(folder, ignore_errors=True)
+    return times
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, help="model folder (default: bundled all-MiniLM-L6-v2)")
@@ -238,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps-per-round", type=int, default=5, help="steps per variant per round (default 5)")
     p.add_argument("--no-memory", action="store_true", help="skip the per-variant memory subprocesses")
     p.add_argument("--memory-child", choices=VARIANTS, help=argparse.SUPPRESS)
+    p.add_argument("--callback", action="store_true", help="time transformers.Trainer with and without DecompositionCallback instead")
+    p.add_argument("--steps", type=int, default=60, help="--callback: training steps per run (default 60, a save every 15)")
     args = p.parse_args(argv)
 
     from dora_analysis.train.model import default_model_path
@@ -246,6 +289,19 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     if args.memory_child:
         print(json.dumps(memory_child(args.memory_child, model_path, device)))
+        return 0
+    if args.callback:
+        import tempfile
+
+        rounds = max(2, args.rounds // 5)
+        with tempfile.TemporaryDirectory() as tmp:
+            times = callback_overhead(model_path, steps=args.steps, save_every=15, rounds=rounds, out=Path(tmp))
+        plain, with_cb = statistics.median(times["plain"]), statistics.median(times["callback"])
+        print(f"# bench_train --callback: {model_path}, PEFT DoRA r=8 on query+value, batch 16, {args.steps} steps, "
+              f"a save every 15, {rounds} alternating rounds, {torch.get_num_threads()} threads")
+        print(f"plain Trainer     {plain:8.2f} s  (runs: {', '.join(f'{t:.2f}' for t in times['plain'])})")
+        print(f"with callback     {with_cb:8.2f} s  (runs: {', '.join(f'{t:.2f}' for t in times['callback'])})")
+        print(f"overhead ratio    {with_cb / plain:8.3f}    target <= 1.05")
         return 0
 
     try:
