@@ -52,7 +52,7 @@ LABELS: dict[str, str] = {
 
 # Sequential palettes: checkpoints and layers are ordered, so their colours should be too.
 STEP_PALETTE = "viridis_r"
-LAYER_PALETTE = "flare"
+LAYER_PALETTE = "plasma_r"
 HEATMAP_CMAP = "rocket_r"
 
 # A legend listing more checkpoints than this shows an evenly spaced subset (first and last kept).
@@ -113,13 +113,36 @@ def _point_labels(data: pd.DataFrame) -> list[str]:
     return labels
 
 
+def panel_title(run: str, method: str | None = None, kind: str | None = None) -> str:
+    """The name of a panel, ``"LoRA · query"``: every facet of every figure is titled by this.
+
+    Empty facets too (a run without that kind), so that a grid never mixes ``FT · query`` with
+    seaborn's own ``run = lora``. What a panel adds below its name (the fit, the quantity) goes
+    on a second line.
+
+    Args:
+        run: The run's name.
+        method: Its method; the label is just ``"LoRA"`` when the run is named after it.
+        kind: The matrix kind; None when the panel pools several kinds.
+
+    Returns:
+        E.g. ``"seed1 (DoRA) · q_proj"`` or ``"FT · all kinds"``.
+    """
+    return f"{run_label(run, method)} · {'all kinds' if kind is None else kind}"
+
+
 def _panel_title(data: pd.DataFrame) -> str:
-    """``"LoRA · query"``: the run(s) and kind(s) a panel shows."""
-    runs = data.drop_duplicates("run")
-    who = ", ".join(run_label(r, m) for r, m in zip(runs["run"], runs["method"]))
-    kinds = sorted(map(str, data["kind"].unique()))
-    what = kinds[0] if len(kinds) == 1 else "all kinds"
-    return f"{who} · {what}"
+    """:func:`panel_title` of the one run a panel's rows belong to."""
+    kinds = data["kind"].unique()
+    return panel_title(data["run"].iloc[0], data["method"].iloc[0], str(kinds[0]) if len(kinds) == 1 else None)
+
+
+def _mark_empty(ax: Axes, title: str) -> None:
+    """An empty facet (a run without this kind, e.g. an adapter on query only): its title, and
+    a word saying why nothing is drawn."""
+    ax.set_axis_off()
+    ax.set_title(title, fontsize=10)
+    ax.text(0.5, 0.5, "no matrices", ha="center", va="center", transform=ax.transAxes, color="0.5")
 
 
 # --------------------------------------------------------------------------------------------
@@ -361,6 +384,8 @@ def _facet(
         _check_values(data, "kind", kinds)
     runs = list(runs) if runs is not None else run_order(data)
     kinds = list(kinds) if kinds is not None else sorted(map(str, data["kind"].unique()))
+    # Taken before the selection: a run without the kinds asked for still has a method.
+    method_of = dict(zip(data["run"].astype(str), data["method"], strict=True))
     data = data[data["run"].astype(str).isin(runs) & data["kind"].astype(str).isin(kinds)]
     row = "kind" if len(kinds) > 1 else None
     if col_wrap is not None and row is not None:
@@ -382,9 +407,8 @@ def _facet(
     for (i, j, _), part in g.facet_data():
         ax = g.facet_axis(i, j, modify_state=False)
         if part.empty:
-            # A run without this kind (e.g. an adapter on query only): say so, draw nothing.
-            ax.set_axis_off()
-            ax.text(0.5, 0.5, "no matrices", ha="center", va="center", transform=ax.transAxes, color="0.5")
+            run, kind = runs[j], kinds[i] if row else kinds[0]
+            _mark_empty(ax, panel_title(run, method_of.get(str(run)), kind))
         else:
             panels.append((ax, part))
     return g, panels
@@ -460,23 +484,32 @@ def plot_trajectories(
     *,
     runs: Sequence[str] | None = None,
     kind: str | None = None,
+    row: str = "run",
     hue: str = "layer",
     palette: Palette = None,
     height: float = 2.6,
     aspect: float = 1.5,
     **kwargs: Any,
 ) -> sns.FacetGrid:
-    """dM and dD of every matrix across training steps: a row per run, ΔM | ΔD columns.
+    """dM and dD of every matrix across training steps, one line per module coloured by ``hue``.
 
-    One line per module, coloured by ``hue`` (its layer, with an ordered palette so depth
-    reads as shade); with several kinds the line style tells them apart. Each panel has its
-    own y scale. Modules outside numbered blocks (no layer) are left out when ``hue`` is
-    ``layer``.
+    Two layouts, chosen by ``row``:
+
+    - ``"run"``: a row per run, ΔM | ΔD columns. With several kinds the line style tells them
+      apart, which reads for two or three kinds, not for LLaMA's seven.
+    - ``"kind"``: a row per matrix kind, and for each run a ΔM and a ΔD column. One panel per
+      kind, run and quantity, so nothing but the layer needs decoding; a run without a kind
+      gets an empty, titled panel.
+
+    Lines are coloured by ``hue`` (the layer, with an ordered palette so depth reads as shade).
+    Each panel has its own y scale. Modules outside numbered blocks (no layer) are left out
+    when ``hue`` is ``layer``.
 
     Args:
         data: The analyzer's DataFrame.
         runs: Runs to draw, in this order; default all, ordered by :func:`run_order`.
-        kind: Draw only this matrix kind; None draws all (line style per kind).
+        kind: Draw only this matrix kind; None draws all.
+        row: ``"run"`` or ``"kind"``: what each row of panels holds (see above).
         hue: Column colouring the lines (default ``layer``).
         palette: Palette for ``hue``; default a sequential one.
         height: Height of each panel, in inches.
@@ -484,12 +517,18 @@ def plot_trajectories(
         **kwargs: Passed to :func:`seaborn.relplot` / :func:`seaborn.lineplot`.
 
     Returns:
-        The FacetGrid (from :func:`seaborn.relplot`).
+        The FacetGrid (from :func:`seaborn.relplot`); ``g.axes[i, j]`` is row ``i``, column ``j``.
+
+    Raises:
+        ValueError: Unknown run, kind or ``row``; missing columns; no rows with a ``hue``.
 
     Example:
         >>> g = plot_trajectories(df, kind="query")
+        >>> g = plot_trajectories(df, runs=["ft"], row="kind")  # LLaMA's seven kinds, one per row
         >>> g.savefig("trajectories.png")
     """
+    if row not in ("run", "kind"):
+        raise ValueError(f"row must be 'run' or 'kind', got {row!r}")
     _require(data, ["run", "method", "kind", "module", "step", "delta_m", "delta_d", hue], "plot_trajectories")
     data = _select(data, kind=kind).dropna(subset=[hue])
     if runs is not None:
@@ -507,12 +546,20 @@ def plot_trajectories(
         var_name="quantity",
         value_name="value",
     )
-    long["quantity"] = long["quantity"].map(quantities)
-    labels = {r: run_label(r, m) for r, m in zip(data["run"], data["method"])}
-    long["panel"] = long["run"].map(labels)
     if hue == "layer":
         long["layer"] = long["layer"].astype(int)  # Int64 -> int: plain levels for the palette
-    several_kinds = long["kind"].nunique() > 1
+    kinds = sorted(map(str, long["kind"].unique()))
+    # Each panel as (run, kind or None for all, quantity), laid out in rows and columns.
+    if row == "run":
+        pooled = None if len(kinds) > 1 else kinds[0]
+        cells = [[(r, pooled, q) for q in quantities] for r in runs]
+        long["_row"] = long["run"].map(runs.index)
+        long["_col"] = long["quantity"].map(list(quantities).index)
+    else:
+        cells = [[(r, k, q) for r in runs for q in quantities] for k in kinds]
+        long["_row"] = long["kind"].astype(str).map(kinds.index)
+        long["_col"] = long["run"].map(runs.index) * len(quantities) + long["quantity"].map(list(quantities).index)
+
     line_kws: dict[str, Any] = {"marker": "o", "markersize": 4, "linewidth": 1.2} | kwargs
     g = sns.relplot(
         data=long,
@@ -521,20 +568,32 @@ def plot_trajectories(
         y="value",
         hue=hue,
         palette=ordered_palette(_levels(long, hue), palette or LAYER_PALETTE),
-        style="kind" if several_kinds else None,
+        style="kind" if row == "run" and len(kinds) > 1 else None,
         units="module",
         estimator=None,  # one line per module, no averaging across modules
-        col="quantity",
-        col_order=list(quantities.values()),
-        row="panel",
-        row_order=[labels[r] for r in runs],
+        row="_row",
+        col="_col",
+        row_order=list(range(len(cells))),
+        col_order=list(range(len(cells[0]))),
         height=height,
         aspect=aspect,
-        facet_kws={"sharey": False, "margin_titles": True},
+        facet_kws={"sharey": False},
         **line_kws,
     )
-    g.set_titles(col_template="{col_name}", row_template="{row_name}")
+    method_of = dict(zip(data["run"], data["method"], strict=True))
+    present = set(zip(long["run"], long["kind"].astype(str), strict=True))
+    for i, cells_i in enumerate(cells):
+        for j, (r, k, q) in enumerate(cells_i):
+            title = f"{panel_title(r, method_of[r], k)}\n{quantities[q]}"
+            if k is not None and (r, k) not in present:
+                _mark_empty(g.axes[i, j], title)
+            else:
+                g.axes[i, j].set_title(title, fontsize=10)
+    steps = _levels(long, "step")
+    if len(steps) <= 6:  # a tick at each checkpoint, not at round numbers between them
+        g.set(xticks=steps)
     g.set_axis_labels(_label("step"), "")
+    g.tight_layout()
     return g
 
 

@@ -34,7 +34,7 @@ from matplotlib.figure import Figure
 
 from . import __version__
 from . import plots as plotting
-from .paper import PAPER_R, is_paper_kind, method_label
+from .paper import PAPER_R, PAPER_SETTING, is_paper_kind, method_label
 from .stats import has_sign, strength
 
 FORMATS = ("png", "svg", "pdf")
@@ -150,6 +150,8 @@ class FigureBlock:
     caption: str
     mime: str  # of ``data``: image/png or image/svg+xml
     data: bytes
+    # Width to show it at, in CSS pixels; None for the image's own. See _css_width.
+    width: int | None = None
 
     @property
     def alt(self) -> str:
@@ -158,8 +160,9 @@ class FigureBlock:
 
 @dataclass(frozen=True)
 class FileLinks:
-    """Data files beside the report: ``(relative path, what it holds)``. Markdown only: an HTML
-    page that travels alone cannot link its neighbours, so it names them instead."""
+    """Data files beside the report: ``(relative path, what it holds)``, linked relatively in
+    both renderings. Both documents are written into the folder that holds these files, so the
+    links work wherever the folder is opened; figures are embedded in the HTML, data is not."""
 
     files: tuple[tuple[str, str], ...]
 
@@ -229,14 +232,18 @@ def render_html(title: str, blocks: Sequence[Block]) -> str:
             body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
         elif isinstance(b, FigureBlock):
             uri = f"data:{b.mime};base64,{base64.b64encode(b.data).decode('ascii')}"
+            width = f' width="{b.width}"' if b.width else ""
             body.append(
                 f"<h3>{_html_inline(b.title)}</h3>"
-                f'<figure><img src="{uri}" alt="{html.escape(b.alt)}">'
+                f'<figure><img src="{uri}"{width} alt="{html.escape(b.alt)}">'
                 f"<figcaption>{_html_inline(b.caption)}</figcaption></figure>"
             )
         elif isinstance(b, FileLinks):
-            items = "".join(f"<li><code>{html.escape(n)}</code>: {html.escape(w)}</li>" for n, w in b.files)
-            body.append(f"<p>Beside this page:</p><ul>{items}</ul>")
+            items = "".join(
+                f'<li><a href="{html.escape(n)}"><code>{html.escape(n)}</code></a>: {html.escape(w)}</li>'
+                for n, w in b.files
+            )
+            body.append(f"<ul>{items}</ul>")
     return (
         '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
         f"<title>{html.escape(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
@@ -269,6 +276,18 @@ def _save(fig: Figure, path: Path, fmt: str) -> bytes:
     return buf.getvalue()
 
 
+def _css_width(data: bytes, mime: str) -> int | None:
+    """The width that shows a PNG at its size in inches (96 CSS pixels to the inch).
+
+    Shown at one image pixel per CSS pixel, a wide grid would be shrunk to the page and a
+    narrow one not, so the same 10-point label would read at a different size in every figure.
+    SVGs carry their size in points and need nothing.
+    """
+    if mime != "image/png" or data[12:16] != b"IHDR":
+        return None
+    return round(int.from_bytes(data[16:20], "big") * 96 / DPI)
+
+
 def _figure2_layout(layers: pd.DataFrame) -> tuple[list[str], int | None]:
     """Run order and wrap for the figure-2 grid: FT | LoRA | DoRA in each row.
 
@@ -287,6 +306,32 @@ def _figure2_layout(layers: pd.DataFrame) -> tuple[list[str], int | None]:
     return order, (4 if len(order) > 4 else None)
 
 
+def _figure2_caption(layers: pd.DataFrame, kind: str, runs: Sequence[str]) -> str:
+    """The figure-2 caption, with what is plotted counted from the rows (layers, checkpoints,
+    runs) and the paper's own setting named apart, so a reader can compare the two."""
+    part = layers[layers["kind"].astype(str) == kind]
+    per_run = part.groupby("run").agg(layers=("layer", "nunique"), matrices=("module", "nunique"), steps=("step", "nunique"))
+
+    def count(column: str, word: str, plural: str) -> str:
+        """``"4 layers"``, or ``"2 to 4 layers"`` when the runs differ."""
+        lo, hi = int(per_run[column].min()), int(per_run[column].max())
+        return _plural(hi, word, plural) if lo == hi else f"{lo} to {hi} {plural}"
+
+    # "4 layers" only when each layer holds one such matrix (not an encoder and a decoder).
+    one_per_layer = (per_run["layers"] == per_run["matrices"]).all()
+    where = f"of {count('layers', 'layer', 'layers')}" if one_per_layer else f"({count('matrices', 'matrix', 'matrices')})"
+    at = count("steps", "checkpoint", "checkpoints")
+    drawn = set(map(str, part["run"]))
+    missing = [r for r in runs if str(r) not in drawn]
+    lacking = f" (none in {', '.join(f'`{r}`' for r in missing)}: an empty panel)" if missing else ""
+    return (
+        f"ΔM against ΔD for the `{kind}` matrices {where} at {at}, in {_plural(len(drawn), 'run')}{lacking}: "
+        "one point per matrix and checkpoint (the number is the layer, the colour the training step), with the "
+        "OLS line and its 95% confidence band. Each panel has its own scale, as in the paper's figure 2, which "
+        f"plots the {PAPER_SETTING}."
+    )
+
+
 def _draw_figures(layers: pd.DataFrame, out_dir: Path, fmt: str) -> list[FigureBlock]:
     """Draw every figure into ``out_dir/figures/`` and return them as report blocks."""
     (out_dir / "figures").mkdir(exist_ok=True)
@@ -298,23 +343,29 @@ def _draw_figures(layers: pd.DataFrame, out_dir: Path, fmt: str) -> list[FigureB
     def save(grid: sns.FacetGrid, name: str, title: str, caption: str) -> None:
         try:
             rel = f"figures/{name}.{fmt}"
-            drawn.append(FigureBlock(rel, title, caption, mime, _save(grid.figure, out_dir / rel, fmt)))
+            data = _save(grid.figure, out_dir / rel, fmt)
+            drawn.append(FigureBlock(rel, title, caption, mime, data, _css_width(data, mime)))
         finally:
             plt.close(grid.figure)  # figures are saved, never shown: free them at once
 
     for kind in kinds:
         g = plotting.plot_md_grid(layers, runs=runs, kinds=[kind], col_wrap=wrap)
-        save(
-            g,
-            f"figure2_{_slug(kind)}",
-            f"ΔM against ΔD: `{kind}` (the paper's figure 2 layout)",
-            f"ΔM against ΔD for the {kind} matrices: one point per layer and checkpoint (the number is the "
-            "layer, the colour the training step), with the OLS line and its 95% confidence band. Each panel "
-            "has its own scale, as in the paper's figure 2 (query matrices, 6 layers, 4 checkpoints).",
-        )
-    if layers.groupby("run")["step"].nunique().max() > 1 and layers["layer"].notna().any():
-        g = plotting.plot_trajectories(layers, runs=plotting.run_order(layers))
-        save(g, "trajectories", "ΔM and ΔD across training", "ΔM (left) and ΔD (right) of every matrix at each checkpoint; colour is the layer.")
+        save(g, f"figure2_{_slug(kind)}", f"ΔM against ΔD: `{kind}` (the paper's figure 2 layout)", _figure2_caption(layers, kind, runs))
+    steps = layers.groupby("run")["step"].nunique()
+    if steps.max() > 1 and layers["layer"].notna().any():
+        caption = "ΔM (left) and ΔD (right) of every matrix at each checkpoint, {rows}; colour is the layer."
+        if len(kinds) == 1:
+            g = plotting.plot_trajectories(layers, runs=plotting.run_order(layers))
+            save(g, "trajectories", "ΔM and ΔD across training", caption.format(rows="a row per run"))
+        else:
+            # Line styles cannot tell seven kinds apart, and every run's kinds in one grid would
+            # be shrunk past reading: a figure per run, a row per kind.
+            for run in plotting.run_order(layers):
+                if steps[run] < 2:
+                    continue
+                g = plotting.plot_trajectories(layers, runs=[run], row="kind", height=2.0, aspect=1.6)
+                label = plotting.run_label(run, layers.loc[layers["run"] == run, "method"].iloc[0])
+                save(g, f"trajectories_{_slug(run)}", f"ΔM and ΔD across training: {label}", caption.format(rows="a row per matrix kind"))
     if layers["layer"].notna().any():
         single = len(kinds) == 1
         for value, name in (("delta_d", "ΔD"), ("delta_m", "ΔM")):

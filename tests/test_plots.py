@@ -227,6 +227,50 @@ def test_grid_marks_a_run_without_the_kind(layers: pd.DataFrame) -> None:
     assert all(n_points(ax) > 0 for ax in g.axes.flat if ax is not empty)
 
 
+def _missing_kinds(layers: pd.DataFrame) -> pd.DataFrame:
+    """LoRA without value matrices, and a second LoRA run on query only: two kinds of empty facet."""
+    seed1 = make_layers({"lora": METHODS["lora"]}, kinds=("query",), seed=1).assign(run="lora-s1")
+    return pd.concat([layers[~((layers["run"] == "lora") & (layers["kind"] == "value"))], seed1], ignore_index=True)
+
+
+RUNS = [("ft", "ft"), ("lora", "lora"), ("lora-s1", "lora"), ("dora", "dora")]  # run_order of _missing_kinds
+EMPTY = {"LoRA · value", "lora-s1 (LoRA) · value"}  # the facets _missing_kinds leaves empty
+
+
+def _titles(kinds: tuple[str | None, ...], per_run: int = 1) -> list[str]:
+    """:func:`plots.panel_title` of every facet, row by row: a row per kind, ``per_run`` columns per run."""
+    return [plots.panel_title(r, m, k) for k in kinds for r, m in RUNS for _ in range(per_run)]
+
+
+# (draw the grid, the first line of each facet's title in order, the titles of its empty facets)
+FACET_CASES = {
+    "figure 2": (lambda df: plots.plot_md_grid(df), _titles(("query", "value")), EMPTY),
+    "figure 2 wrapped": (lambda df: plots.plot_md_grid(df, kinds=["value"], col_wrap=2), _titles(("value",)), EMPTY),
+    "heatmaps": (lambda df: plots.plot_heatmap_grid(df, value="delta_m"), _titles(("query", "value")), EMPTY),
+    "trajectories by kind": (lambda df: plots.plot_trajectories(df, row="kind"), _titles(("query", "value"), 2), EMPTY),
+    # Kinds share a panel here, so no facet is empty.
+    "trajectories by run": (lambda df: plots.plot_trajectories(df), [t for t in _titles((None,)) for _ in "MD"], set()),
+}
+
+
+@pytest.mark.parametrize("case", FACET_CASES)
+def test_every_facet_is_titled_by_panel_title(layers: pd.DataFrame, case: str) -> None:
+    """Filled and empty facets alike: never seaborn's ``run = lora``."""
+    draw, expected, empty_titles = FACET_CASES[case]
+    g = draw(_missing_kinds(layers))
+    titles = [ax.get_title() for ax in g.axes.flat]
+    assert [t.splitlines()[0] for t in titles] == expected
+    assert not [t for t in titles if "run = " in t or "kind = " in t or " = " in t.splitlines()[0]]
+    empty = [ax for ax in g.axes.flat if [t.get_text() for t in ax.texts] == ["no matrices"]]
+    assert {ax.get_title().splitlines()[0] for ax in empty} == empty_titles
+
+
+def test_panel_title() -> None:
+    assert plots.panel_title("lora", "lora", "query") == "LoRA · query"
+    assert plots.panel_title("seed1", "dora", "q_proj") == "seed1 (DoRA) · q_proj"
+    assert plots.panel_title("ft", "ft", None) == "FT · all kinds"
+
+
 def test_run_order_and_labels() -> None:
     df = pd.DataFrame({"run": ["x", "d", "l", "f", "d2"], "method": ["vera", "dora", "lora", "ft", "dora"]})
     assert plots.run_order(df) == ["f", "l", "d", "d2", "x"]
@@ -248,6 +292,33 @@ def test_trajectories_one_line_per_module_per_quantity(layers: pd.DataFrame) -> 
         drawn = np.sort(np.concatenate([line.get_ydata() for line in lines]))
         np.testing.assert_allclose(drawn, np.sort(layers.query("run == 'ft'")[column]))
     assert [t.get_text() for t in g.legend.get_texts()][1:5] == ["0", "1", "2", "3"]
+
+
+LLAMA_KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def test_trajectories_by_kind_one_panel_per_kind(layers: pd.DataFrame) -> None:
+    """Seven kinds are not told apart by line style: each (kind, run, quantity) has its own panel."""
+    df = make_layers({"ft": METHODS["ft"], "dora": METHODS["dora"]}, layers=3, kinds=LLAMA_KINDS)
+    df = df[~((df["run"] == "dora") & (df["kind"] == "down_proj"))]
+    g = plots.plot_trajectories(df, row="kind")
+    kinds = sorted(LLAMA_KINDS)
+    assert g.axes.shape == (len(kinds), 4)  # kinds x (FT ΔM, FT ΔD, DoRA ΔM, DoRA ΔD)
+    for i, kind in enumerate(kinds):
+        for j, (run, column) in enumerate([("ft", "delta_m"), ("ft", "delta_d"), ("dora", "delta_m"), ("dora", "delta_d")]):
+            ax, part = g.axes[i, j], df.query("run == @run and kind == @kind")
+            assert ax.get_title().splitlines()[1] == plots.LABELS[column]
+            if part.empty:
+                assert fit_lines(ax) == [] and [t.get_text() for t in ax.texts] == ["no matrices"]
+                continue
+            lines = fit_lines(ax)
+            assert len(lines) == part["module"].nunique() == 3  # one line per layer, this kind only
+            drawn = np.sort(np.concatenate([line.get_ydata() for line in lines]))
+            np.testing.assert_allclose(drawn, np.sort(part[column]))
+    # Colour is the layer; no line styles, so the legend lists layers only.
+    assert [t.get_text() for t in g.legend.get_texts()] == ["0", "1", "2"]
+    with pytest.raises(ValueError, match="row must be 'run' or 'kind'"):
+        plots.plot_trajectories(df, row="module")
 
 
 def test_heatmap_layer_by_step(layers: pd.DataFrame) -> None:

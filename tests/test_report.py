@@ -174,3 +174,53 @@ def test_report_says_whether_vectors_grow_or_shrink(tmp_path: Path) -> None:
     assert rows["ft"].rstrip(" |").endswith("shrink") and "-0.02" in rows["ft"] and "-1%" in rows["ft"]
     assert rows["lora"].rstrip(" |").endswith("grow") and "+0.5%" in rows["lora"]
     assert "shrink in 25% of points" in rows["dora"]
+
+
+def test_figure2_caption_counts_what_is_plotted_and_names_the_paper_apart(tmp_path: Path) -> None:
+    """4 layers at 3 checkpoints are described as such, not as the paper's 6 layers at 4."""
+    from dora_analysis.paper import PAPER_SETTING
+
+    layers = make_layers(layers=4, steps=(10, 20, 30), kinds=("query",))
+    layers.to_csv(tmp_path / "layers.csv", index=False)
+    write_report(tmp_path, layers, summarize(layers, n_boot=0))
+    md = (tmp_path / "report.md").read_text()
+    caption = next(line for line in md.splitlines() if line.startswith("*ΔM against ΔD for the `query`"))
+    assert "`query` matrices of 4 layers at 3 checkpoints, in 3 runs:" in caption
+    assert caption.rstrip("*").endswith(f"the paper's figure 2, which plots the {PAPER_SETTING}.")
+    html = (tmp_path / "report.html").read_text()
+    assert "of 4 layers at 3 checkpoints, in 3 runs" in html
+    # Every PNG is shown at its size in inches, so text reads at one size across figures.
+    widths = [int(w) for w in re.findall(r'<img src="data:image/png[^"]*" width="(\d+)"', html)]
+    assert len(widths) == html.count("<img") and all(100 < w < 2000 for w in widths)
+
+
+def test_figure2_caption_names_a_run_without_the_kind() -> None:
+    from dora_analysis.report import _figure2_caption
+
+    layers = make_layers(layers=3, steps=(10, 20), kinds=("query", "value"))
+    layers = layers[~((layers["run"] == "lora") & (layers["kind"] == "value"))]
+    layers = layers[~((layers["run"] == "dora") & (layers["step"] == 20))]
+    caption = _figure2_caption(layers, "value", ["ft", "lora", "dora"])
+    assert "`value` matrices of 3 layers at 1 to 2 checkpoints, in 2 runs (none in `lora`: an empty panel)" in caption
+
+
+def test_html_links_the_data_files_beside_it(tmp_path: Path, tables: tuple) -> None:
+    """The HTML is written beside layers.csv, so it links it, as the Markdown does."""
+    layers, summary = tables
+    layers.to_csv(tmp_path / "layers.csv", index=False)
+    write_report(tmp_path, layers, summary, plots=False)
+    html = (tmp_path / "report.html").read_text()
+    assert '<a href="layers.csv">' in html and "summary.csv" not in html
+    page = _Refs()
+    page.feed(html)
+    assert page.refs == ["layers.csv"] and (tmp_path / page.refs[0]).is_file()
+
+
+def test_trajectories_with_several_kinds_get_a_figure_per_run(tmp_path: Path) -> None:
+    """Line styles cannot tell kinds apart: a figure per run, a row of panels per kind."""
+    layers = make_layers({"ft": (0.02, 0.07, -1), "lora": (0.13, 0.35, 1)}, layers=2, steps=(10, 20), kinds=("query", "value"))
+    written = write_report(tmp_path, layers, summarize(layers, n_boot=0))
+    names = {p.name for p in written if p.parent.name == "figures"}
+    assert {"trajectories_ft.png", "trajectories_lora.png"} <= names and "trajectories.png" not in names
+    md = (tmp_path / "report.md").read_text()
+    assert "### ΔM and ΔD across training: LoRA" in md and "a row per matrix kind" in md
