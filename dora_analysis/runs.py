@@ -33,15 +33,27 @@ class StepPattern:
         regex: Matches a child folder's name; group 1 is the step number.
         step_file: A JSON file inside the step folder whose ``global_step`` is the true step
             (it wins over the number in the name), or None.
+        files: The steps are files (Lightning's ``epoch=0-step=100.ckpt``), not folders.
     """
 
     name: str
     regex: re.Pattern[str]
     step_file: str | None = None
+    files: bool = False
 
 
 STEP_PATTERNS: Registry[StepPattern] = Registry("step-folder pattern")
 STEP_PATTERNS.register(StepPattern("hf-trainer", re.compile(r"^checkpoint-(\d+)$"), "trainer_state.json"))
+# torchtune: `epoch_N/` (the step column is then the epoch), holding the merged model as
+# model-0000K-of-0000M.safetensors (+ index) and, for LoRA, the adapter beside it.
+STEP_PATTERNS.register(StepPattern("torchtune", re.compile(r"^epoch_(\d+)$")))
+# Accelerate `save_state` with automatic naming: `checkpoints/checkpoint_N/` (N counts saves).
+STEP_PATTERNS.register(StepPattern("accelerate", re.compile(r"^checkpoint_(\d+)$")))
+# PyTorch Lightning's ModelCheckpoint files: `epoch=0-step=100.ckpt` (`last.ckpt` has no step).
+STEP_PATTERNS.register(StepPattern("lightning", re.compile(r"^(?:.*[-_])?step=(\d+)(?:[-_=].*)?\.ckpt$"), files=True))
+# DeepSpeed `global_stepN/`: matched so the run is found; its container reader says how to
+# consolidate the ZeRO shards (dora_analysis.containers.deepspeed).
+STEP_PATTERNS.register(StepPattern("deepspeed", re.compile(r"^global_step(\d+)$")))
 
 
 def open_snapshot(path: str | Path, *, reader_options: Mapping[str, Any] | None = None) -> Snapshot:
@@ -100,17 +112,19 @@ def match_step_folder(name: str) -> tuple[StepPattern, int] | None:
 
 
 def checkpoint_dirs(folder: Path) -> list[tuple[int, Path]]:
-    """Step subfolders of a run folder (``checkpoint-N/`` ...) as ``(step, path)``, ascending.
+    """Step subfolders (or step files) of a run folder (``checkpoint-N/`` ...) as ``(step, path)``, ascending.
 
     The step is ``global_step`` from the pattern's state file when there is one, else N.
     """
     found = []
     for child in folder.iterdir() if folder.is_dir() else ():
         matched = match_step_folder(child.name)
-        if matched and child.is_dir():
+        if matched and (child.is_dir() or (matched[0].files and child.is_file())):
             pattern, number = matched
             step = read_step(child, pattern.step_file)
             found.append((number if step is None else step, child))
+    if not found and (folder / "checkpoints").is_dir():
+        return checkpoint_dirs(folder / "checkpoints")  # Accelerate's project_dir/checkpoints/checkpoint_N
     return sorted(found, key=lambda t: t[0])
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..containers import TensorStore, find_checkpoint_file, open_file
+from ..containers import TensorStore, find_checkpoint_file, hf_cache, open_file
 from ..errors import InputError
 from ..decompose import Axis
 from ..registry import Registry
@@ -127,8 +127,11 @@ def base_path_of(path: str | os.PathLike[str]) -> Path | None:
 
     Returns:
         The path as written in ``adapter_config.json`` (tried as given, then relative to the
-        adapter folder), or None: no config, no name, or a name that is not a local path
-        (a Hub id such as ``meta-llama/Llama-2-7b-hf``).
+        adapter folder); for a Hub id (``meta-llama/Llama-2-7b-hf``) that is no local path,
+        its snapshot in the local Hugging Face cache; or None: no config, or no name.
+
+    Raises:
+        InputError: The name is a Hub id that is not in the cache (says where it looked).
     """
     path = Path(path)
     folder = path if path.is_dir() else path.parent
@@ -139,7 +142,10 @@ def base_path_of(path: str | os.PathLike[str]) -> Path | None:
         return None
     given = Path(name).expanduser()
     candidates = [given] if given.is_absolute() else [given, folder / given]
-    return next((c for c in candidates if c.exists()), None)
+    local = next((c for c in candidates if c.exists()), None)
+    if local is None and hf_cache.parse_hub_id(name.strip()) is not None:
+        return hf_cache.resolve_hub_id(name.strip())  # offline: the cache only, never a download
+    return local
 
 
 def _single_safetensors(path: Path) -> tuple[Path, TensorStore] | None:

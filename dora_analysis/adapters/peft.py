@@ -223,6 +223,7 @@ class PeftLora(PeftAdapter):
     MAGNITUDE: ClassVar[tuple[str, ...]] = ("lora_magnitude_vector", "lora_magnitude_vector.weight")
 
     def _check_config(self) -> None:
+        self._refuse_torchtune_dora()
         for option in UNSUPPORTED_LORA_OPTIONS:
             if self.config.get(option):
                 raise self._error(
@@ -237,6 +238,28 @@ class PeftLora(PeftAdapter):
                 hint="save it with save_pretrained(..., path_initial_model_for_weight_conversion=...) "
                 "to get an adapter for the original base",
             )
+
+    def _refuse_torchtune_dora(self) -> None:
+        """torchtune's DoRA adapter: magnitudes, no ``use_dora``, and q/k magnitudes out of order.
+
+        torchtune writes ``adapter_config.json`` with ``r``, ``lora_alpha``, ``target_modules``
+        and ``peft_type`` only (PEFT itself always writes ``use_dora``). Converting to PEFT key
+        names, it permutes the q/k ``lora_B`` rows into Hugging Face's rotary order but leaves
+        the magnitude vectors in its own, so no merge of this file is the trained model. The
+        merged model torchtune saves beside it is.
+        """
+        if "use_dora" in self.config or not any(nm.strip_wrappers(k).endswith(self.MAGNITUDE) for k in self.store.keys()):
+            return
+        folder = self.store.path.parent
+        index = sorted(folder.glob("model*.safetensors.index.json"))
+        shards = sorted(folder.glob("model*.safetensors"))
+        merged = index[0] if index else shards[0] if len(shards) == 1 else None
+        where = str(merged) if merged else f"the model-*.safetensors torchtune writes into {folder} (its index or single file)"
+        raise self._error(
+            "DoRA magnitudes without use_dora in the config: a torchtune DoRA adapter, whose q/k magnitude rows are in "
+            "a different order from its lora_B rows, so it cannot be merged exactly",
+            hint=f"analyse the merged model torchtune saved beside it instead: {where}",
+        )
 
     def _method(self) -> str:
         return "dora" if self.config.get("use_dora") else "lora"

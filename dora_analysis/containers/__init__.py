@@ -11,7 +11,12 @@ Built in:
   while in use);
 * ``torch-pickle``: ``.bin`` / ``.pt`` / ``.pth`` / ``.ckpt``, loaded with ``weights_only=True``
   (never running pickled code) and memory-mapped where the file format allows;
-* ``weights-folder``: a folder holding one of these (see :func:`find_checkpoint_file`).
+* ``weights-folder``: a folder holding one of these (see :func:`find_checkpoint_file`);
+* ``torch-dcp``: a torch distributed checkpoint folder (:mod:`.dcp`);
+* ``hf-cache-repo``: a ``models--ORG--NAME`` folder of the Hugging Face cache (:mod:`.hf_cache`;
+  a hub id ``ORG/NAME[@REV]`` given as a path is resolved there too);
+* ``deepspeed-zero``: DeepSpeed ``global_stepN/`` folders (:mod:`.deepspeed`), refused with the
+  command that consolidates them unless ``deepspeed`` is installed.
 
 A container that is a folder of its own (a torch distributed checkpoint, say) registers with
 ``first=True`` so it is tried before ``weights-folder``. Anything unreadable raises
@@ -26,14 +31,17 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..registry import Registry
+from . import deepspeed, hf_cache
 from .base import TensorStore
+from .dcp import DcpStore, is_dcp_folder
 from .safetensors import SAFETENSORS_SUFFIXES, SafetensorsStore
+from .shapes import ShapesStore, is_shapes_file, is_shapes_folder
 from .sharded import ShardedStore
 from .torch_pickle import PICKLE_SUFFIXES, TorchStore
 
 __all__ = [
-    "CONTAINERS", "ContainerReader", "TensorStore", "open_checkpoint", "open_file", "find_checkpoint_file",
-    "SafetensorsStore", "ShardedStore", "TorchStore", "SAFETENSORS_SUFFIXES", "PICKLE_SUFFIXES",
+    "CONTAINERS", "PICKLE_SUFFIXES", "SAFETENSORS_SUFFIXES", "ContainerReader", "DcpStore", "SafetensorsStore",
+    "ShardedStore", "TensorStore", "TorchStore", "find_checkpoint_file", "open_checkpoint", "open_file",
 ]  # fmt: skip
 
 
@@ -110,6 +118,27 @@ CONTAINERS.register(
 CONTAINERS.register(ContainerReader("safetensors", _is_file_with(SAFETENSORS_SUFFIXES), SafetensorsStore, ".safetensors"))
 CONTAINERS.register(ContainerReader("torch-pickle", _is_file_with(PICKLE_SUFFIXES), TorchStore, "/".join(PICKLE_SUFFIXES)))
 CONTAINERS.register(ContainerReader("weights-folder", _weights_folder, _open_weights_folder, "a folder holding one of these"))
+# Folders of their own, tried before `weights-folder` (registered first, so listed in reverse).
+CONTAINERS.register(
+    ContainerReader(
+        "deepspeed-zero", lambda p: deepspeed.claims(p, _weights_folder), deepspeed.open_zero, "a DeepSpeed global_stepN/ folder"
+    ),
+    first=True,
+)
+CONTAINERS.register(
+    ContainerReader(
+        "hf-cache-repo",
+        hf_cache.is_cache_repo_folder,
+        lambda p: open_checkpoint(hf_cache.snapshot_of_repo_folder(p)),
+        "a Hugging Face cache models--ORG--NAME folder",
+    ),
+    first=True,
+)
+CONTAINERS.register(ContainerReader("shapes-only", is_shapes_folder, ShapesStore, "a folder with model.shapes.json"), first=True)
+CONTAINERS.register(ContainerReader("shapes-file", is_shapes_file, ShapesStore, "a *.shapes.json (for --dry-run)"), first=True)
+CONTAINERS.register(
+    ContainerReader("torch-dcp", is_dcp_folder, DcpStore, "a torch distributed checkpoint (.metadata + *.distcp)"), first=True
+)
 
 
 def _reader_for(path: Path) -> ContainerReader | None:
@@ -132,7 +161,8 @@ def open_checkpoint(path: str | Path) -> TensorStore:
     """Open a full checkpoint: a weights file, or a folder that a registered container claims.
 
     Args:
-        path: A ``.safetensors``/``.bin``/``.pt`` file, a ``*.index.json``, or a folder.
+        path: A ``.safetensors``/``.bin``/``.pt`` file, a ``*.index.json``, a folder, or a
+            Hugging Face hub id ``ORG/NAME[@REVISION]`` found in the local cache.
 
     Returns:
         A lazy :class:`TensorStore`.
@@ -142,6 +172,8 @@ def open_checkpoint(path: str | Path) -> TensorStore:
     """
     path = Path(path)
     if not path.exists():
+        if hf_cache.parse_hub_id(str(path)) is not None:
+            return open_checkpoint(hf_cache.resolve_hub_id(str(path)))  # ORG/NAME[@REV], from the cache only
         raise InputError("no such file or folder", path=path)
     reader = _reader_for(path)
     if reader is not None:

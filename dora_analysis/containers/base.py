@@ -28,6 +28,10 @@ class TensorStore(ABC):
     def shape(self, key: str) -> tuple[int, ...]:
         """Shape of ``key`` without reading its data."""
 
+    def dtype(self, key: str) -> torch.dtype | None:
+        """The stored dtype of ``key`` from headers, if the format says without reading data."""
+        return None
+
     @abstractmethod
     def _read(self, key: str) -> torch.Tensor:
         """Read one tensor (in its stored dtype)."""

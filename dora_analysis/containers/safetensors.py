@@ -61,6 +61,9 @@ class SafetensorsStore(TensorStore):
     def shape(self, key: str) -> tuple[int, ...]:
         return self._entries[key][1]
 
+    def dtype(self, key: str) -> torch.dtype | None:
+        return self._entries[key][0]
+
     def _read(self, key: str) -> torch.Tensor:
         dtype, shape, begin, end = self._entries[key]
         if dtype is None:
@@ -93,6 +96,14 @@ class SafetensorsStore(TensorStore):
                 raise InputError("file ended while reading tensor (truncated?)", path=self.path, tensor=key)
             done += n
         return buf
+
+    def __getstate__(self) -> dict[str, object]:
+        # A file descriptor does not travel (the ray engine sends stores to other processes):
+        # the path does, and the receiving process opens the file and checks its header again.
+        return {"path": self.path}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__init__(state["path"])  # type: ignore[misc]
 
     def __del__(self) -> None:
         fd = getattr(self, "_fd", None)

@@ -61,3 +61,6 @@ class ShardedStore(TensorStore):
 
     def _read(self, key: str) -> torch.Tensor:
         return self._shard(key).get(key)
+    def dtype(self, key: str) -> torch.dtype | None:
+        return self._shard(key).dtype(key)
+

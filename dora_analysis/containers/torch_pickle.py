@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import mmap
 import pickle
 import re
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,29 +21,102 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 class TorchStore(TensorStore):
     """A pickled state dict (``.bin``/``.pt``/...), loaded with ``weights_only=True``.
 
-    Zip-format files (torch >= 1.6) are memory-mapped, so tensors are paged in only when
-    touched; legacy files are read whole, which is unavoidable for that format.
+    Zip-format files (torch >= 1.6) are unpickled onto the ``meta`` device first: names,
+    shapes, strides and each storage's byte offset in the file (``_checkpoint_offset``, which
+    torch records for meta loads), and no data. Each tensor then gets its own small mapping of
+    its storage's bytes, as :class:`~.safetensors.SafetensorsStore` does, so its pages leave
+    the process's RSS when the tensor is dropped; one mapping of the whole file would keep
+    every page touched resident until the store closes, which over a whole-model walk is the
+    whole model. Legacy (non-zip) files are read whole, which that format leaves no way round.
     """
 
     def __init__(self, path: Path) -> None:
         super().__init__(path)
+        self._tensors: dict[str, torch.Tensor] = {}
+        self._layout: dict[str, _Layout] = {}
+        if zipfile.is_zipfile(path) and _little_endian(path):
+            meta = _flatten_state(_torch_load(path, meta=True), path)
+            layout = {k: _Layout.of(t) for k, t in meta.items()}
+            if all(v is not None for v in layout.values()):
+                self._layout = layout  # type: ignore[assignment]
+                return
         self._tensors = _flatten_state(_torch_load(path), path)
 
     def keys(self) -> list[str]:
-        return list(self._tensors)
+        return list(self._layout or self._tensors)
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._tensors[key].shape)
+        return self._layout[key].shape if self._layout else tuple(self._tensors[key].shape)
+
+    def dtype(self, key: str) -> torch.dtype | None:
+        return self._layout[key].dtype if self._layout else self._tensors[key].dtype
 
     def _read(self, key: str) -> torch.Tensor:
-        return self._tensors[key]
+        if not self._layout:
+            return self._tensors[key]
+        entry = self._layout[key]
+        if entry.nbytes == 0:
+            return torch.empty_strided(entry.shape, entry.stride, dtype=entry.dtype)
+        start = entry.offset
+        aligned = start - start % mmap.ALLOCATIONGRANULARITY
+        skip = start - aligned
+        if skip % entry.dtype.itemsize:
+            raise InputError("tensor data is not aligned to its dtype in the file", path=self.path, tensor=key)
+        try:
+            with open(self.path, "rb") as f:
+                # ACCESS_COPY: a private mapping, writable as torch wants, never written back.
+                region = mmap.mmap(f.fileno(), skip + entry.nbytes, offset=aligned, access=mmap.ACCESS_COPY)
+        except (OSError, ValueError) as exc:
+            raise InputError(f"cannot map tensor ({first_line(exc)}; truncated?)", path=self.path, tensor=key) from exc
+        flat = torch.frombuffer(region, dtype=torch.uint8, offset=skip, count=entry.nbytes).view(entry.dtype)
+        return torch.as_strided(flat, entry.shape, entry.stride, entry.storage_offset)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The ray engine sends stores to other processes: the path travels, not the tensors.
+        return {"path": self.path}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["path"])  # type: ignore[misc]
 
 
-def _torch_load(path: Path) -> Any:
-    """``torch.load`` that never executes pickled code and maps the file where it can."""
-    mmap = zipfile.is_zipfile(path)
+@dataclass(frozen=True)
+class _Layout:
+    """Where one tensor's bytes are in a zip-format torch file, and how to view them."""
+
+    offset: int  # of its storage, from the start of the file
+    nbytes: int  # of its storage
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    storage_offset: int  # in elements
+
+    @classmethod
+    def of(cls, meta: torch.Tensor) -> _Layout | None:
+        storage = meta.untyped_storage()
+        offset = getattr(storage, "_checkpoint_offset", None)
+        if offset is None:
+            return None  # a torch that does not record offsets: fall back to a whole-file map
+        return cls(int(offset), storage.nbytes(), meta.dtype, tuple(meta.shape), tuple(meta.stride()), meta.storage_offset())
+
+
+def _little_endian(path: Path) -> bool:
+    """The file's storages are little-endian (the ``byteorder`` record; absent means little)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        with zipfile.ZipFile(path) as z:
+            name = next((n for n in z.namelist() if n.endswith("/byteorder")), None)
+            return name is None or z.read(name).strip() == b"little"
+    except (OSError, zipfile.BadZipFile):
+        return True  # torch.load says what is wrong
+
+
+def _torch_load(path: Path, *, meta: bool = False) -> Any:
+    """``torch.load`` that never executes pickled code and maps the file where it can.
+
+    With ``meta``, tensors come back on the ``meta`` device: layout only, no data read.
+    """
+    mapped = zipfile.is_zipfile(path)
+    try:
+        return torch.load(path, map_location="meta" if meta else "cpu", weights_only=True, mmap=mapped)
     except pickle.UnpicklingError as exc:
         # weights_only refuses two different things: globals (code, custom classes), which we
         # must never run, and bytes that are not a torch pickle at all.

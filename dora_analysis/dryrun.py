@@ -1,0 +1,120 @@
+"""The plan on paper: tasks, bytes read and peak memory per task, from headers alone.
+
+``dora-analyze --dry-run BASE TUNED ...`` builds the same plan :func:`~dora_analysis.analyze`
+would run (reading names, shapes and dtypes only; a ``*.shapes.json`` description will do,
+see :mod:`dora_analysis.containers.shapes`) and prints, per task, what it reads and the most
+memory it holds. The model of a task (:func:`~dora_analysis.engine.execute_task`):
+
+* reads: the base matrix once, then each tuned version (a full checkpoint's matrix; an
+  adapter's factors, which are small, so they are counted as 0);
+* holds at most: the base matrix and one tuned matrix as stored, plus, for an adapter, W' built
+  in float32, plus the blocks of the blocked reductions (two float64 blocks) and a few float64
+  vectors per row. Everything else (the interpreter, torch) is a constant per worker.
+
+Wall time on N nodes is then ``total bytes / (N x per-node read bandwidth)`` for as long as
+there are more tasks than workers; see ``docs/scaling.md`` for the worked 70B case.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from math import prod
+from pathlib import Path
+
+from . import names as nm
+from .analysis import _open_base, open_runs
+from .containers import TensorStore
+from .decompose import DEFAULT_BLOCK_ELEMENTS
+from .errors import InputError
+from .plan import Task, build_plan
+from .snapshot import FullSnapshot
+
+_ASSUMED_ITEMSIZE = 4  # float32, for a format that does not say its dtype in its headers
+
+
+@dataclass(frozen=True)
+class TaskCost:
+    """What one task reads and holds.
+
+    Attributes:
+        name: The base matrix.
+        jobs: Tuned versions measured against it.
+        read_bytes: Bytes read from disk (base once + every full tuned matrix).
+        peak_bytes: Most bytes of tensors held at once.
+    """
+
+    name: str
+    jobs: int
+    read_bytes: int
+    peak_bytes: int
+
+
+def _nbytes(store: TensorStore, key: str) -> int:
+    dtype = store.dtype(key)
+    return prod(store.shape(key)) * (dtype.itemsize if dtype is not None else _ASSUMED_ITEMSIZE)
+
+
+def task_cost(task: Task, base: TensorStore) -> TaskCost:
+    """The read and memory model of one task (see the module docstring)."""
+    base_bytes = _nbytes(base, task.name)
+    shape = base.shape(task.name)
+    numel = prod(shape)
+    read, largest_tuned = base_bytes, 0
+    for job in task.jobs:
+        snap = job.snapshot
+        if isinstance(snap, FullSnapshot):
+            tuned = _nbytes(snap.store, snap._names[task.name])
+            read += tuned
+        else:
+            tuned = 4 * numel  # W' = W0 + update, built in float32
+        largest_tuned = max(largest_tuned, tuned)
+    rows = shape[0] if shape else 1
+    working = 2 * 8 * DEFAULT_BLOCK_ELEMENTS["cpu"] + 4 * 8 * rows
+    return TaskCost(task.name, len(task.jobs), read, base_bytes + largest_tuned + working)
+
+
+def plan_costs(
+    base: str | os.PathLike[str],
+    tuned: Sequence[str | os.PathLike[str]],
+    *,
+    modules: str | None = None,
+    all_modules: bool = False,
+    steps: Iterable[int] | None = None,
+    last: int | None = None,
+) -> list[TaskCost]:
+    """The plan ``analyze`` would run on these paths, costed; reads headers only."""
+    store = _open_base(base)
+    runs = open_runs(list(tuned), steps=steps, last=last)
+    shapes = {k: store.shape(k) for k in store.keys()}
+    selected = nm.select(shapes, modules, include_all=all_modules)
+    if not selected:
+        raise InputError("no tensor matches the selection", path=store.path, hint="list names with `dora-analyze --list BASE`")
+    return [task_cost(task, store) for task in build_plan(store, runs, selected)]
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    raise AssertionError
+
+
+def describe_plan(base: str | os.PathLike[str], tuned: Sequence[str | os.PathLike[str]], **selection: object) -> str:
+    """The plan as text: one line per task, then the totals."""
+    costs = plan_costs(base, tuned, **selection)  # type: ignore[arg-type]
+    width = max(len(c.name) for c in costs)
+    lines = [f"{'task (base matrix)':{width}s}  tuned  {'read':>10s}  {'peak memory':>11s}"]
+    lines += [f"{c.name:{width}s}  {c.jobs:5d}  {_size(c.read_bytes):>10s}  {_size(c.peak_bytes):>11s}" for c in costs]
+    largest = max(costs, key=lambda c: c.peak_bytes)
+    total = sum(c.read_bytes for c in costs)
+    lines += [
+        "",
+        f"tasks: {len(costs)} (one per base matrix); tuned matrices: {sum(c.jobs for c in costs)}",
+        f"bytes read in all: {_size(total)} ({total} B)",
+        f"largest task: {largest.name}: reads {_size(largest.read_bytes)}, peak memory {_size(largest.peak_bytes)}",
+        f"base: {Path(base)}",
+    ]
+    return "\n".join(lines)

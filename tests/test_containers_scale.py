@@ -1,0 +1,287 @@
+"""Checkpoints that large runs write, each made by the library that writes it, checked against numpy.
+
+torch distributed checkpoints (``torch.distributed.checkpoint.save``), the Hugging Face cache
+(``huggingface_hub``'s own cache layout, resolved with ``HF_HUB_OFFLINE=1``), torchtune
+``epoch_N/`` runs (saved as torchtune saves them: ``model-0000K-of-0000M.safetensors`` + index,
+here by ``transformers``' ``save_pretrained``), Accelerate ``save_state`` runs, Lightning
+``.ckpt`` files, DeepSpeed ZeRO folders (refused with the command that consolidates them),
+torchtune DoRA adapters (refused).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import dora_analysis as da
+from dora_analysis.cli.analyze import main
+from dora_analysis.containers import open_checkpoint
+
+QUERY = r"attention\.self\.query"
+
+
+def _perturb(state: dict[str, torch.Tensor], seed: int, scale: float = 0.03) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        k: (v * (1 + scale * torch.rand(v.shape[0], *[1] * (v.ndim - 1), generator=g)) + scale * torch.randn(v.shape, generator=g))
+        for k, v in state.items()
+    }
+
+
+def _oracle(w0: torch.Tensor, w: torch.Tensor) -> tuple[float, float]:
+    """dM, dD in numpy float64, rows as vectors, written apart from dora_analysis."""
+    a, b = w0.double().numpy(), w.double().numpy()
+    m0, m = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+    return float(np.mean(np.abs(m - m0))), float(np.mean(1 - (a * b).sum(1) / (m0 * m)))
+
+
+def _check(df: pd.DataFrame, base: dict[str, torch.Tensor], tuned_by_step: dict[int, dict[str, torch.Tensor]]) -> None:
+    assert set(df["step"]) == set(tuned_by_step)
+    assert len(df) == len(tuned_by_step) * 3  # three query matrices per step
+    for _, row in df.iterrows():
+        name = row["module"] + ".weight"
+        dm, dd = _oracle(base[name], tuned_by_step[row["step"]][name])
+        assert row["delta_m"] == pytest.approx(dm, rel=1e-9)
+        assert row["delta_d"] == pytest.approx(dd, rel=1e-9)
+
+
+# -- torch distributed checkpoints --------------------------------------------------------
+
+
+def _dcp_save(state: dict, folder: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "assuming the intent is to save in a single process"
+        dcp.save(state, checkpoint_id=folder)
+
+
+@pytest.mark.parametrize("wrap", ["model.", "model._orig_mod."])
+def test_dcp_run_matches_numpy(tiny_bert: tuple[Path, dict], tmp_path: Path, wrap: str) -> None:
+    """A run of DCP step folders, as FSDP SHARDED_STATE_DICT saves them: model + optimizer state."""
+    base_dir, base = tiny_bert
+    tuned = {}
+    for step in (10, 20):
+        tuned[step] = _perturb(base, seed=step)
+        inner = {wrap.removeprefix("model.") + k: v for k, v in tuned[step].items()}  # DCP stores `model.` + these
+        optim = {"state": {k: {"exp_avg": torch.zeros_like(v)} for k, v in list(tuned[step].items())[:2]}}
+        _dcp_save({"model": inner, "optimizer": optim, "step": step}, tmp_path / "run" / f"checkpoint-{step}")
+    store = open_checkpoint(tmp_path / "run" / "checkpoint-10")
+    assert not [k for k in store.keys() if k.startswith("optimizer")]
+    df = da.analyze(base_dir, tmp_path / "run", modules=QUERY)
+    _check(df, base, tuned)
+
+
+def test_dcp_as_base_reads_each_tensor_exactly(tiny_bert: tuple[Path, dict], tmp_path: Path) -> None:
+    _, base = tiny_bert
+    _dcp_save({"model": base}, tmp_path / "dcp")
+    store = open_checkpoint(tmp_path / "dcp")
+    assert sorted(store.keys()) == sorted("model." + k for k in base)
+    for k, v in base.items():
+        assert store.shape("model." + k) == tuple(v.shape)
+        assert torch.equal(store.get("model." + k), v)
+    restored = pickle.loads(pickle.dumps(store))  # reopened by path (engines ship stores to workers)
+    assert torch.equal(restored.get("model.pooler.dense.weight"), base["pooler.dense.weight"])
+
+
+def test_dcp_metadata_never_runs_code(tmp_path: Path) -> None:
+    _dcp_save({"w": torch.ones(2, 2)}, tmp_path / "dcp")
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    (tmp_path / "dcp" / ".metadata").write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(da.InputError, match=r"refusing to build (posix|os)\.system"):
+        open_checkpoint(tmp_path / "dcp")
+    assert not (tmp_path / "pwned").exists()
+
+
+# -- the Hugging Face cache ----------------------------------------------------------------
+
+
+def _hf_cache(cache: Path, repo_id: str, source: Path) -> str:
+    """Put ``source``'s files into a hub cache with huggingface_hub's own layout functions:
+    blobs named by content hash, snapshot files symlinked into them, refs/main -> commit."""
+    from huggingface_hub.file_download import _cache_commit_hash_for_specific_revision, _create_symlink, repo_folder_name
+
+    storage = cache / repo_folder_name(repo_id=repo_id, repo_type="model")
+    commit = hashlib.sha1(repo_id.encode()).hexdigest()
+    for f in sorted(source.iterdir()):
+        blob = storage / "blobs" / hashlib.sha256(f.read_bytes()).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(f.read_bytes())
+        snap = storage / "snapshots" / commit / f.name
+        snap.parent.mkdir(parents=True, exist_ok=True)
+        _create_symlink(str(blob), str(snap))
+    _cache_commit_hash_for_specific_revision(str(storage), "main", commit)
+    return commit
+
+
+@pytest.fixture
+def hub(tiny_bert: tuple[Path, dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, str]:
+    from huggingface_hub import scan_cache_dir
+
+    base_dir, _ = tiny_bert
+    cache = tmp_path / "hf" / "hub"
+    commit = _hf_cache(cache, "tiny-org/tiny-bert", base_dir)
+    info = scan_cache_dir(cache)  # the library recognises the cache as its own
+    (repo,) = info.repos
+    assert repo.repo_id == "tiny-org/tiny-bert" and {r.commit_hash for r in repo.revisions} == {commit}
+    assert {ref for r in repo.revisions for ref in r.refs} == {"main"}
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return cache, commit
+
+
+def test_hub_id_and_cache_folder_as_base(tiny_bert: tuple[Path, dict], tmp_path: Path, hub: tuple[Path, str]) -> None:
+    base_dir, base = tiny_bert
+    cache, commit = hub
+    tuned = _perturb(base, seed=3)
+    save_file({k: v.contiguous() for k, v in tuned.items()}, tmp_path / "tuned.safetensors")
+    expected = da.analyze(base_dir, tmp_path / "tuned.safetensors", modules=QUERY)
+    _check(expected, base, {0: tuned})
+    for given in ("tiny-org/tiny-bert", f"tiny-org/tiny-bert@{commit}", "tiny-org/tiny-bert@main", cache / "models--tiny-org--tiny-bert"):
+        df = da.analyze(given, tmp_path / "tuned.safetensors", modules=QUERY)
+        pd.testing.assert_frame_equal(df, expected)
+
+
+def test_adapter_naming_a_cached_hub_id_needs_no_base(tiny_bert: tuple[Path, dict], tmp_path: Path, hub: tuple[Path, str]) -> None:
+    peft = pytest.importorskip("peft")
+    from transformers import BertModel
+
+    base_dir, _ = tiny_bert
+    model = peft.get_peft_model(
+        BertModel.from_pretrained(base_dir), peft.LoraConfig(r=2, target_modules=["query"], init_lora_weights=False)
+    )
+    model.save_pretrained(tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(config | {"base_model_name_or_path": "tiny-org/tiny-bert"}))
+    out_hub, out_local = tmp_path / "from-hub", tmp_path / "from-local"
+    assert main([str(tmp_path / "adapter"), "--out", str(out_hub), "--quiet", "--no-plots"]) == 0
+    assert main([str(base_dir), str(tmp_path / "adapter"), "--out", str(out_local), "--quiet", "--no-plots"]) == 0
+    assert (out_hub / "layers.csv").read_bytes() == (out_local / "layers.csv").read_bytes()
+    assert len(pd.read_csv(out_hub / "layers.csv")) == 3
+
+
+def test_hub_id_not_in_cache_names_id_and_where(tmp_path: Path, hub: tuple[Path, str], capsys: pytest.CaptureFixture[str]) -> None:
+    cache, _ = hub
+    (tmp_path / "t.safetensors").write_bytes(b"")
+    assert main(["someone/absent-model", str(tmp_path / "t.safetensors"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "hub id someone/absent-model is not in the Hugging Face cache" in err
+    assert str(cache / "models--someone--absent-model") in err
+
+
+# -- run folders of other trainers ---------------------------------------------------------
+
+
+def _bert(base_dir: Path, state: dict[str, torch.Tensor]):
+    from transformers import BertModel
+
+    model = BertModel.from_pretrained(base_dir)
+    model.load_state_dict(state)
+    return model
+
+
+def test_torchtune_epoch_folders(tiny_bert: tuple[Path, dict], tmp_path: Path) -> None:
+    """torchtune's full-finetune output: epoch_N/model-0000K-of-0000M.safetensors + index."""
+    base_dir, base = tiny_bert
+    tuned = {}
+    for epoch in range(3):
+        tuned[epoch] = _perturb(base, seed=100 + epoch)
+        _bert(base_dir, tuned[epoch]).save_pretrained(tmp_path / "out" / f"epoch_{epoch}", max_shard_size="40KB")
+    assert (tmp_path / "out" / "epoch_0" / "model.safetensors.index.json").is_file()
+    (tmp_path / "out" / "epoch_0" / "recipe_state.pt").write_bytes(b"")  # torchtune's training state, beside
+    _check(da.analyze(base_dir, tmp_path / "out", modules=QUERY), base, tuned)
+
+
+def test_accelerate_save_state_run(tiny_bert: tuple[Path, dict], tmp_path: Path) -> None:
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    base_dir, base = tiny_bert
+    acc = Accelerator(cpu=True, project_config=ProjectConfiguration(project_dir=str(tmp_path / "proj"), automatic_checkpoint_naming=True))
+    model = acc.prepare(_bert(base_dir, base))
+    tuned = {}
+    for n in range(3):
+        tuned[n] = _perturb(base, seed=200 + n)
+        model.load_state_dict(tuned[n])
+        acc.save_state()
+    assert sorted(p.name for p in (tmp_path / "proj" / "checkpoints").iterdir()) == ["checkpoint_0", "checkpoint_1", "checkpoint_2"]
+    _check(da.analyze(base_dir, tmp_path / "proj" / "checkpoints", modules=QUERY), base, tuned)
+    _check(da.analyze(base_dir, tmp_path / "proj", modules=QUERY), base, tuned)  # the project folder too
+
+
+def test_lightning_ckpt_files(tiny_bert: tuple[Path, dict], tmp_path: Path) -> None:
+    """ModelCheckpoint's files: a pickle whose state_dict carries the LightningModule's `model.`."""
+    base_dir, base = tiny_bert
+    tuned = {}
+    (tmp_path / "checkpoints").mkdir()
+    for epoch, step in enumerate((50, 100)):
+        tuned[step] = _perturb(base, seed=step)
+        ckpt = {
+            "epoch": epoch, "global_step": step, "pytorch-lightning_version": "2.4.0",
+            "state_dict": {"model." + k: v for k, v in tuned[step].items()},
+            "loops": {}, "callbacks": {}, "optimizer_states": [], "lr_schedulers": [],
+        }  # fmt: skip
+        torch.save(ckpt, tmp_path / "checkpoints" / f"epoch={epoch}-step={step}.ckpt")
+    torch.save(ckpt, tmp_path / "checkpoints" / "last.ckpt")  # no step in the name: not a step
+    _check(da.analyze(base_dir, tmp_path / "checkpoints", modules=QUERY), base, tuned)
+    single = da.analyze(base_dir, tmp_path / "checkpoints" / "epoch=1-step=100.ckpt", modules=QUERY)
+    _check(single, base, {100: tuned[100]})
+
+
+def test_deepspeed_zero_folder_is_refused_with_the_command(
+    tiny_bert: tuple[Path, dict], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base_dir, _ = tiny_bert
+    save = tmp_path / "ds"
+    for step in (10, 20):
+        tag = save / f"global_step{step}"
+        tag.mkdir(parents=True)
+        torch.save({"module": None}, tag / "mp_rank_00_model_states.pt")
+        torch.save({}, tag / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    (save / "latest").write_text("global_step20")
+    (save / "zero_to_fp32.py").write_text("# written by DeepSpeed\n")
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("deepspeed is installed: it would consolidate instead")
+    assert main([str(base_dir), str(save), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "DeepSpeed ZeRO checkpoint" in err
+    assert f"python {save}/zero_to_fp32.py {save} {save}/global_step10_fp32 -t global_step10" in err
+
+
+def test_torchtune_dora_adapter_is_refused(tiny_bert: tuple[Path, dict], tmp_path: Path) -> None:
+    """torchtune's DoRA adapter_config.json has no use_dora; the merged model beside it is named."""
+    base_dir, base = tiny_bert
+    epoch = tmp_path / "out" / "epoch_0"
+    _bert(base_dir, base).save_pretrained(epoch, max_shard_size="40KB")
+    name = "base_model.model.encoder.layer.0.attention.self.query"
+    save_file(
+        {
+            f"{name}.lora_A.weight": torch.randn(2, 32),
+            f"{name}.lora_B.weight": torch.randn(32, 2),
+            f"{name}.lora_magnitude_vector": torch.rand(32),
+        },
+        epoch / "adapter_model.safetensors",
+    )
+    (epoch / "adapter_config.json").write_text(json.dumps({"r": 2, "lora_alpha": 4, "target_modules": ["query"], "peft_type": "LORA"}))
+    with pytest.raises(da.InputError, match="torchtune DoRA adapter") as info:
+        da.analyze(base_dir, tmp_path / "out")
+    assert str(epoch / "model.safetensors.index.json") in str(info.value)
