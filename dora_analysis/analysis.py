@@ -17,12 +17,11 @@ from typing import Any
 import pandas as pd
 import torch
 
-from . import engine_ray  # noqa: F401 - registers the "ray" engine (Ray itself is imported only when used)
 from . import names as nm
 from .cache import ResultCache
 from .containers import TensorStore, open_checkpoint
 from .decompose import Axis
-from .engine import ENGINES, ExecutionPolicy
+from .engine import ENGINES, PAIRS_KEY, ExecutionPolicy
 from .errors import InputError
 from .metrics import Metric, build_metrics, layer_columns
 from .plan import build_plan
@@ -94,7 +93,6 @@ def analyze(
     engine: str = "serial",
     policy: ExecutionPolicy | None = None,
     progress: bool | None = None,
-    engine_options: Mapping[str, Any] | None = None,
     cache: PathLike | None = None,
 ) -> pd.DataFrame:
     """Per-matrix change of tuned checkpoints against a base, one row per (run, step, matrix).
@@ -122,8 +120,6 @@ def analyze(
         policy: Thread count and block sizes (default :class:`ExecutionPolicy`); they never
             change the numbers beyond float64 rounding.
         progress: Show a progress bar on stderr (default: when stderr is a terminal).
-        engine_options: Settings of the chosen engine, e.g. ``{"workers": 2}`` or
-            ``{"address": "auto"}`` for ``engine="ray"`` (:mod:`dora_analysis.engine_ray`).
         cache: A folder of stored results (:mod:`dora_analysis.cache`, usually ``DIR/.cache``):
             jobs measured before are taken from it without reading their tensors, new ones
             are added to it. None: compute everything.
@@ -161,9 +157,7 @@ def analyze(
         stored = ResultCache(cache, store.path, chosen, _cache_context(torch.device(device), policy, reader_options))
         if stored.usable:
             plan, cached = stored.split(plan)
-    run = ENGINES[engine].run
-    options = dict(engine_options or {})
-    records = run(plan, store, chosen, device=torch.device(device), policy=policy, progress=progress, **options) if plan else []
+    records = ENGINES[engine].run(plan, store, chosen, device=torch.device(device), policy=policy, progress=progress) if plan else []
     if stored is not None and stored.usable:
         stored.save(plan, records)
     return _table([*cached, *records], runs, chosen)
@@ -175,7 +169,13 @@ def _cache_context(device: torch.device, policy: ExecutionPolicy, reader_options
 
 
 def _table(records: list[dict[str, object]], runs: list[Run], metrics: Sequence[Metric]) -> pd.DataFrame:
-    """The records as the analyzer's DataFrame: identity columns filled in, rows in reading order."""
+    """The records as the analyzer's DataFrame: identity columns filled in, rows in reading order.
+
+    The subspace similarities between tuned versions that the engine returns with a task's
+    records (:data:`~dora_analysis.engine.PAIRS_KEY`) go to ``df.attrs["pairs"]``
+    (:func:`subspace_pairs`).
+    """
+    pairs = [row for record in records for row in record.pop(PAIRS_KEY, ())]  # type: ignore[attr-defined]
     df = pd.DataFrame.from_records(records)
     kind_of = nm.kinds(df["module"].unique())
     df["kind"] = df["module"].map(kind_of)
@@ -185,7 +185,49 @@ def _table(records: list[dict[str, object]], runs: list[Run], metrics: Sequence[
     module_order = {m: i for i, m in enumerate(df["module"].unique())}
     df = df.assign(_r=df["run"].map(run_order), _m=df["module"].map(module_order))
     df = df.sort_values(["_r", "step", "_m"], kind="stable")
-    return df[[c.name for c in layer_columns(metrics)]].reset_index(drop=True)
+    df = df[[c.name for c in layer_columns(metrics)]].reset_index(drop=True)
+    if pairs:
+        frame = pd.DataFrame.from_records(pairs, columns=PAIR_COLUMNS)
+        frame = frame.assign(_a=frame["run_a"].map(run_order), _m=frame["module"].map(module_order))
+        frame = frame.sort_values(["_a", "step_a", "_m"], kind="stable").drop(columns=["_a", "_m"])
+        df.attrs["pairs"] = _Attached(frame.reset_index(drop=True))
+    return df
+
+
+class _Attached:
+    """A frame carried in another frame's ``attrs``: pandas deep-copies ``attrs`` on every
+    derived frame, and this one is shared instead of copied (it is never changed in place)."""
+
+    def __init__(self, frame: pd.DataFrame) -> None:
+        self.frame = frame
+
+    def __deepcopy__(self, memo: dict[int, object]) -> _Attached:
+        return self
+
+
+# pairs.csv: phi(i, j) between the top singular subspaces of two tuned versions of a matrix.
+PAIR_COLUMNS: list[str] = ["run_a", "step_a", "run_b", "step_b", "module", "i", "j", "phi"]
+
+
+def subspace_pairs(layers: pd.DataFrame) -> pd.DataFrame:
+    """The subspace similarity between every two tuned versions of each matrix (``pairs.csv``).
+
+    Computed in the same walk as ``layers`` by :func:`analyze` when a metric that offers the
+    update's top directions (``spectrum``) is chosen and a matrix has two or more tuned
+    versions (runs or steps): phi(i, j) = ||U_a[:, :i]^T U_b[:, :j]||_F^2 / min(i, j) with U
+    the top-r left singular vectors of each dW (Hu et al. 2021, LoRA, section 7, figures 3-4);
+    r is the adapter's rank, else ``metric_options={"rank": r}`` (default 8).
+
+    Returns:
+        One row per (run_a, step_a, run_b, step_b, module, i, j) with ``phi`` in [0, 1]; an
+        empty frame with those columns when nothing was paired.
+
+    Example:
+        >>> layers = analyze("base/", ["runs/lora", "runs/dora"], metrics=["md", "spectrum"])
+        >>> subspace_pairs(layers).query("i == j").groupby("i")["phi"].mean()
+    """
+    found = layers.attrs.get("pairs")
+    return found.frame.copy() if isinstance(found, _Attached) else pd.DataFrame(columns=PAIR_COLUMNS)
 
 
 def _open_base(path: PathLike) -> TensorStore:

@@ -16,14 +16,19 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm  # not tqdm.auto: it warns in notebooks without ipywidgets
 
+from .adapters.merge import LowRankUpdate
 from .containers import TensorStore
 from .decompose import DEFAULT_BLOCK_ELEMENTS
 from .errors import InputError
 from .metrics import MatrixContext, Metric
 from .plan import Job, Task
 from .registry import Registry
+from .spectral import Change, LowRank, subspace_similarity
 
 Record = dict[str, object]
+# The key of a task's first record under which execute_task returns the task's pair records
+# (subspace similarity between every two tuned versions of the matrix); analysis pops it.
+PAIRS_KEY = "_pairs"
 
 
 @dataclass(frozen=True)
@@ -81,27 +86,84 @@ def execute_task(
     ctx = MatrixContext(name=task.name, fan_in_fan_out=task.fan_in_fan_out, block_elements=policy.block_for(device))
     with _threads(policy, device):
         states = [m.prepare(w0, ctx) for m in metrics]
+    wants_change = any(getattr(m, "uses_change", False) for m in metrics)
     records = []
+    directions: list[tuple[Job, torch.Tensor]] = []
     for job in task.jobs:
         w = job.snapshot.weight(task.name, w0).to(device)
         if w.shape != w0.shape:
             raise InputError(
                 f"shape mismatch: base {tuple(w0.shape)} vs tuned {tuple(w.shape)}", path=job.snapshot.path, tensor=task.name
             )
+        change = _change(job, task, device) if wants_change else None
         record: Record = {"run": job.run, "method": job.method, "step": job.step, "module": task.module}
-        for metric, state in zip(metrics, states):
-            record.update(_measure(metric, state, w, job, task, base, device, policy))
+        for metric, state in zip(metrics, states, strict=True):
+            record.update(_measure(metric, state, w, job, task, base, device, policy, change))
+        if len(task.jobs) > 1:
+            # Per-task hook: the first metric that offers the update's top directions gives
+            # them, and every two tuned versions are compared below (pairs.csv).
+            found = next((m for m in metrics if hasattr(m, "directions")), None)
+            if found is not None:
+                with _threads(policy, device):
+                    directions.append((job, found.directions(states[metrics.index(found)], w, change)))  # type: ignore[attr-defined]
         records.append(record)
         del w
         on_job()
+    if records and len(directions) > 1:
+        records[0][PAIRS_KEY] = _pairs(task, directions)
     return records
 
 
+def _change(job: Job, task: Task, device: torch.device) -> Change:
+    """What a metric may know of a tuned matrix's update: low-rank factors when W' = W0 + s·B·A
+    exactly, in the analysed ``[out, in]`` layout, and the adapter's rank."""
+    update = job.snapshot.update_for(task.name)
+    if not isinstance(update, LowRankUpdate):
+        return Change()
+    rank = int(update.down.shape[0]) or None
+    transposed = job.snapshot.stored_transposed(task.name)
+    # The factors are in the layer frame, which is the analysed layout when the adapter and
+    # the plan agree on how the base stores this matrix; a renormalised (DoRA) W' is not
+    # W0 + s·B·A, and neither is an empty magnitude-only update.
+    if update.magnitude is not None or rank is None or (transposed is not None and transposed != task.fan_in_fan_out):
+        return Change(rank=rank)
+    up = update.up.reshape(update.up.shape[0], -1).to(device)
+    down = update.down.reshape(update.down.shape[0], -1).to(device)
+    return Change(update=LowRank(up=up, down=down, scale=float(update.scale)), rank=rank)
+
+
+def _pairs(task: Task, directions: list[tuple[Job, torch.Tensor]]) -> list[Record]:
+    """phi(i, j) for every two tuned versions of one matrix (Hu et al. 2021, section 7)."""
+    rows: list[Record] = []
+    for a in range(len(directions)):
+        for b in range(a + 1, len(directions)):
+            (job_a, u_a), (job_b, u_b) = directions[a], directions[b]
+            phi = subspace_similarity(u_a, u_b).cpu()
+            for i in range(phi.shape[0]):
+                for j in range(phi.shape[1]):
+                    rows.append({
+                        "run_a": job_a.run, "step_a": job_a.step, "run_b": job_b.run, "step_b": job_b.step,
+                        "module": task.module, "i": i + 1, "j": j + 1, "phi": float(phi[i, j]),
+                    })  # fmt: skip
+    return rows
+
+
 def _measure(
-    metric: Metric, state: object, w: torch.Tensor, job: Job, task: Task, base: TensorStore, device: torch.device, policy: ExecutionPolicy
+    metric: Metric,
+    state: object,
+    w: torch.Tensor,
+    job: Job,
+    task: Task,
+    base: TensorStore,
+    device: torch.device,
+    policy: ExecutionPolicy,
+    change: Change | None = None,
 ) -> Record:
     try:
         with _threads(policy, device):
+            if getattr(metric, "uses_change", False):
+                # A metric that can use the update's factors says so (``uses_change``).
+                return dict(metric.measure(state, w, change=change))  # type: ignore[call-arg]
             return dict(metric.measure(state, w))
     except ValueError as exc:
         # The math says which side held the NaN/Inf; name that side's file.

@@ -32,6 +32,7 @@ def write_outputs(
     Everything is first written to a staging folder beside ``out``; only when all of it is
     there is each entry renamed into place, so a failure never leaves half-written files.
     """
+    from .analysis import subspace_pairs
     from .report import write_report
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -39,6 +40,10 @@ def write_outputs(
     try:
         layers.to_csv(staging / "layers.csv", index=False)
         summary.to_csv(staging / "summary.csv", index=False)
+        pairs = subspace_pairs(layers)
+        if len(pairs):
+            # Subspace similarity between tuned versions, when the walk computed it (spectrum metric).
+            pairs.to_csv(staging / "pairs.csv", index=False)
         records = json.loads(summary.to_json(orient="records"))
         (staging / "summary.json").write_text(json.dumps({"runs": records}, indent=2) + "\n")
         write_report(staging, layers, summary, fmt=fmt, plots=plots, paper=paper, title=title)

@@ -44,6 +44,15 @@ class Snapshot(ABC):
         """
         return None
 
+    def update_for(self, name: str) -> object | None:
+        """The stored update behind base tensor ``name``, if W' = W0 + that update exactly.
+
+        Adapters return their :class:`~dora_analysis.adapters.merge.Update` (low-rank factors
+        or a dense difference, in the layer frame), so analyses can work from B and A rather
+        than from the dense W'; a full checkpoint stores no update and returns None.
+        """
+        return None
+
     @abstractmethod
     def weight(self, name: str, base_weight: torch.Tensor) -> torch.Tensor:
         """The effective tuned tensor for base tensor ``name``, shaped and laid out like it.

@@ -232,6 +232,16 @@ class AdapterSnapshot(Snapshot):
             return update.apply_bias(w)
         return w.to(torch.float32)
 
+    def update_for(self, name: str) -> Update | None:
+        """The update :meth:`weight` applies to base tensor ``name`` (a bound weight target),
+        read from the file; None for a bias, a tensor saved outright, or a target whose weight
+        is replaced before merging (then W' - W0 is not the update)."""
+        tuned = self._bound.get(name)
+        module, _, param = (tuned or "").rpartition(".")
+        if param != "weight" or module not in self._layouts or tuned in self.replacements:
+            return None
+        return self._update(module, self._layouts[module])
+
     def stored_transposed(self, name: str) -> bool | None:
         """The layout :meth:`bind` settled for base tensor ``name`` (None if not a target)."""
         tuned = self._bound.get(name)
