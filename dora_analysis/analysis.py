@@ -17,6 +17,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from . import engine_ray  # noqa: F401 - registers the "ray" engine (Ray itself is imported only when used)
 from . import names as nm
 from .cache import ResultCache
 from .containers import TensorStore, open_checkpoint
@@ -93,6 +94,7 @@ def analyze(
     engine: str = "serial",
     policy: ExecutionPolicy | None = None,
     progress: bool | None = None,
+    engine_options: Mapping[str, Any] | None = None,
     cache: PathLike | None = None,
 ) -> pd.DataFrame:
     """Per-matrix change of tuned checkpoints against a base, one row per (run, step, matrix).
@@ -120,6 +122,8 @@ def analyze(
         policy: Thread count and block sizes (default :class:`ExecutionPolicy`); they never
             change the numbers beyond float64 rounding.
         progress: Show a progress bar on stderr (default: when stderr is a terminal).
+        engine_options: Settings of the chosen engine, e.g. ``{"workers": 2}`` or
+            ``{"address": "auto"}`` for ``engine="ray"`` (:mod:`dora_analysis.engine_ray`).
         cache: A folder of stored results (:mod:`dora_analysis.cache`, usually ``DIR/.cache``):
             jobs measured before are taken from it without reading their tensors, new ones
             are added to it. None: compute everything.
@@ -157,7 +161,9 @@ def analyze(
         stored = ResultCache(cache, store.path, chosen, _cache_context(torch.device(device), policy, reader_options))
         if stored.usable:
             plan, cached = stored.split(plan)
-    records = ENGINES[engine].run(plan, store, chosen, device=torch.device(device), policy=policy, progress=progress) if plan else []
+    run = ENGINES[engine].run
+    options = dict(engine_options or {})
+    records = run(plan, store, chosen, device=torch.device(device), policy=policy, progress=progress, **options) if plan else []
     if stored is not None and stored.usable:
         stored.save(plan, records)
     return _table([*cached, *records], runs, chosen)

@@ -107,6 +107,18 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--poll", type=float, default=5.0, metavar="SECONDS", help="with --watch: seconds between looks at the run folders (default 5)")
     run = p.add_argument_group("running")
     run.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    run.add_argument(
+        "--engine",
+        default="serial",
+        help="where the tasks (one per base matrix) run: serial (default, this process) or ray (pip install 'dora-analysis[ray]')",
+    )
+    run.add_argument("--address", metavar="ADDR", help="with --engine ray: join this Ray cluster ('auto': the one on this machine)")
+    run.add_argument("--workers", type=int, metavar="N", help="with --engine ray: start a local Ray cluster with N workers (default: all cores)")
+    run.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the plan (tasks, bytes read and peak memory per task, total bytes) from headers alone, then exit",
+    )
     run.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
@@ -172,6 +184,11 @@ def _run(args: argparse.Namespace) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError("--device cuda asked for, but torch sees no CUDA device", hint="use --device cpu")
 
+    if args.dry_run:
+        from ..dryrun import describe_plan
+
+        print(describe_plan(base, tuned, modules=args.modules, all_modules=args.all_modules, steps=_parse_steps(args.steps), last=args.last))
+        return 0
     if args.list:
         store = open_checkpoint(base)
         shapes = {k: store.shape(k) for k in store.keys()}
@@ -199,6 +216,8 @@ def _run(args: argparse.Namespace) -> int:
         reader_options={} if args.dora_scale_axis is None else {"dora_axis": args.dora_scale_axis},
         progress=False if args.quiet else None,
         cache=None if args.out is None or args.no_cache else args.out / ".cache",
+        engine=args.engine,
+        engine_options=_engine_options(args),
     )
     summary = summarize(layers)
     if not args.quiet:
@@ -252,6 +271,16 @@ def _watch(args: argparse.Namespace, base: Path, tuned: list[Path]) -> int:
         metrics=[m.strip() for m in args.metrics.split(",") if m.strip()],
     )
     return 0
+
+
+def _engine_options(args: argparse.Namespace) -> dict[str, object]:
+    """``--address`` / ``--workers`` for the engine; they mean nothing to the serial one."""
+    from ..errors import InputError
+
+    options = {k: v for k, v in (("address", args.address), ("workers", args.workers)) if v is not None}
+    if options and args.engine == "serial":
+        raise InputError(f"--{next(iter(options))} applies to --engine ray", hint="add --engine ray")
+    return options
 
 
 def _describe_metrics() -> str:
