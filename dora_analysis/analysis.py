@@ -96,6 +96,7 @@ def analyze(
     progress: bool | None = None,
     engine_options: Mapping[str, Any] | None = None,
     cache: PathLike | None = None,
+    layout: str | None = None,
 ) -> pd.DataFrame:
     """Per-matrix change of tuned checkpoints against a base, one row per (run, step, matrix).
 
@@ -124,6 +125,8 @@ def analyze(
         progress: Show a progress bar on stderr (default: when stderr is a terminal).
         engine_options: Settings of the chosen engine, e.g. ``{"workers": 2}`` or
             ``{"address": "auto"}`` for ``engine="ray"`` (:mod:`dora_analysis.engine_ray`).
+        layout: ``"linear"`` or ``"conv1d"``: how GPT-2-style matrices (``c_attn``, ``c_proj``,
+            ``c_fc``) are stored, for a base whose config.json is missing; wins over any guess.
         cache: A folder of stored results (:mod:`dora_analysis.cache`, usually ``DIR/.cache``):
             jobs measured before are taken from it without reading their tensors, new ones
             are added to it. None: compute everything.
@@ -153,7 +156,7 @@ def analyze(
     if not selected:
         what = f"--modules {modules!r}" if modules else "the default selection (2-D weights inside numbered blocks)"
         raise InputError(f"no tensor matches {what}", path=store.path, hint="list names with `dora-analyze --list BASE`")
-    plan = build_plan(store, runs, selected)
+    plan = build_plan(store, runs, selected, layout=layout)
     policy = policy or ExecutionPolicy()
     stored, cached = None, []
     if cache is not None:

@@ -82,7 +82,7 @@ def execute_task(
         InputError: A tuned matrix of another shape, or NaN / Inf on either side (named by
             file and tensor).
     """
-    w0 = base.get(task.name).to(device)  # the one read of this base matrix
+    w0 = _as_weight(base.get(task.name), base.path, task.name).to(device)  # the one read of this base matrix
     ctx = MatrixContext(name=task.name, fan_in_fan_out=task.fan_in_fan_out, block_elements=policy.block_for(device))
     with _threads(policy, device):
         states = [m.prepare(w0, ctx) for m in metrics]
@@ -90,7 +90,7 @@ def execute_task(
     records = []
     directions: list[tuple[Job, torch.Tensor]] = []
     for job in task.jobs:
-        w = job.snapshot.weight(task.name, w0).to(device)
+        w = _as_weight(job.snapshot.weight(task.name, w0), job.snapshot.path, task.name).to(device)
         if w.shape != w0.shape:
             raise InputError(
                 f"shape mismatch: base {tuple(w0.shape)} vs tuned {tuple(w.shape)}", path=job.snapshot.path, tensor=task.name
@@ -146,6 +146,23 @@ def _pairs(task: Task, directions: list[tuple[Job, torch.Tensor]]) -> list[Recor
                         "module": task.module, "i": i + 1, "j": j + 1, "phi": float(phi[i, j]),
                     })  # fmt: skip
     return rows
+
+
+def _as_weight(tensor: torch.Tensor, path: object, name: str) -> torch.Tensor:
+    """Only floating-point tensors are weights: integer, bool or complex ones are refused by name.
+
+    Integer tensors in a checkpoint are quantization codes (or indices, masks); their norms
+    are not the model's. Quantized formats with documented scales are dequantized before
+    this (:mod:`dora_analysis.containers.quantized`).
+    """
+    if tensor.is_floating_point():
+        return tensor
+    raise InputError(
+        f"stored as {str(tensor.dtype).removeprefix('torch.')}: raw integer codes (or a non-float tensor) are not weights",
+        path=path,  # type: ignore[arg-type]
+        tensor=name,
+        hint="a quantized checkpoint needs its scales (bitsandbytes SCB, weight_scale) beside the weights; or leave it out with --modules",
+    )
 
 
 def _measure(

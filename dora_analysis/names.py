@@ -8,6 +8,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 
+from .errors import InputError
+
 # Prefixes that wrappers add around the same model: DDP/DataParallel, torch.compile, PEFT.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "base_model.model.")
 
@@ -90,6 +92,78 @@ def is_fan_in_fan_out(name: str, model_type: str | None) -> bool:
     return is_embedding(name)
 
 
+def is_conv1d_kind(name: str) -> bool:
+    """True for the names GPT-2's ``Conv1D`` matrices have (``c_attn``, ``c_proj``, ``c_fc``, ``q_attn``).
+
+    The names alone do not settle the layout: GPTBigCode (StarCoder) uses the same names for
+    ``nn.Linear`` matrices stored ``[out, in]``.
+    """
+    return module_name(name).rsplit(".", 1)[-1] in CONV1D_KINDS
+
+
+def conv1d_layout_from_shapes(shapes: Mapping[str, tuple[int, ...]]) -> bool | None:
+    """Whether GPT-2-style matrices are stored ``[in, out]`` (Conv1D), as far as their shapes tell.
+
+    The MLP's up-projection ``c_fc`` and the fused ``c_attn`` have more outputs than inputs in
+    every model that uses these names (4x and 3x in GPT-2; in GPTBigCode's multi-query
+    ``c_attn`` hidden + 2 x head_dim). So a wide ``[a, b]`` with ``b > a`` is ``[in, out]``
+    and a tall one is ``[out, in]``. Returns None when there is no such matrix, a square
+    one, or the matrices disagree: the layout cannot be known from the file.
+    """
+    votes = set()
+    for name, shape in shapes.items():
+        if len(shape) == 2 and name.endswith(".weight") and module_name(name).rsplit(".", 1)[-1] in ("c_fc", "c_attn"):
+            votes.add(None if shape[0] == shape[1] else shape[1] > shape[0])
+    return votes.pop() if len(votes) == 1 else None
+
+
+# An output head that a checkpoint may omit because it is the input embedding
+# (``tie_word_embeddings``), and the input embeddings it can be tied to.
+_TIED_HEAD_RE = re.compile(r"(^|\.)lm_head\.weight$")
+_WORD_EMBEDDING_RE = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|shared|embed_in)\.weight$")
+
+
+def is_tied_head(name: str) -> bool:
+    """True for an output head that tied models leave out of their checkpoints (``lm_head.weight``)."""
+    return bool(_TIED_HEAD_RE.search(strip_wrappers(name)))
+
+
+def word_embedding(names: Iterable[str]) -> str | None:
+    """The one input-embedding table among ``names`` (``embed_tokens.weight``, ``wte.weight`` ...), or None."""
+    found = [n for n in names if _WORD_EMBEDDING_RE.search(strip_wrappers(n))]
+    return found[0] if len(found) == 1 else None
+
+
+def wrapper_collisions(names: Iterable[str]) -> list[tuple[str, str]]:
+    """Pairs of names that are the same tensor once wrapper prefixes are stripped (``module.X`` and ``X``)."""
+    seen: dict[str, str] = {}
+    clashes = []
+    for name in names:
+        canon = strip_wrappers(name)
+        if canon in seen:
+            clashes.append((seen[canon], name))
+        else:
+            seen[canon] = name
+    return clashes
+
+
+class NameCollision(InputError):
+    """Two tensors of one checkpoint that name the same tensor once wrapper prefixes are stripped.
+
+    Attributes:
+        side: ``"base"`` or ``"tuned"``: which checkpoint holds both (the caller adds its path).
+        pair: The two names.
+    """
+
+    def __init__(self, side: str, pair: tuple[str, str], *, path: object = None) -> None:
+        self.side, self.pair = side, pair
+        super().__init__(
+            f"two tensors are the same once wrapper prefixes ({', '.join(WRAPPER_PREFIXES)}) are stripped: {pair[0]!r} and {pair[1]!r}",
+            path=path,  # type: ignore[arg-type]
+            hint="which one holds the weights is not knowable; save the checkpoint without the duplicate",
+        )
+
+
 def match_names(base: Iterable[str], tuned: Iterable[str]) -> dict[str, str]:
     """Map base tensor names to the tuned checkpoint's names for the same tensors.
 
@@ -99,10 +173,18 @@ def match_names(base: Iterable[str], tuned: Iterable[str]) -> dict[str, str]:
 
     Returns:
         ``{base_name: tuned_name}`` for every base tensor found on the tuned side.
+
+    Raises:
+        NameCollision: One side holds two names for one tensor (``module.X`` and ``X``).
     """
     base_list = list(base)
+    tuned_list = list(tuned)
+    for side, names in (("base", base_list), ("tuned", tuned_list)):
+        clashes = wrapper_collisions(names)
+        if clashes:
+            raise NameCollision(side, clashes[0])
     tuned_canon: dict[str, str] = {}
-    for t in tuned:
+    for t in tuned_list:
         tuned_canon.setdefault(strip_wrappers(t), t)
     base_canon = {b: strip_wrappers(b) for b in base_list}
 
@@ -153,12 +235,21 @@ def select(
 
     Returns:
         Default (no pattern): the 2-D weights inside numbered, repeated blocks, which are the
-        matrices the paper analyses; embeddings, heads and norms are left out.
+        matrices the paper analyses; embeddings, heads and norms are left out. A matrix with
+        no rows or no columns holds no vector to measure and is never selected.
+
+    Raises:
+        InputError: ``pattern`` is not a valid regular expression.
     """
-    regex = re.compile(pattern) if pattern else None
+    try:
+        regex = re.compile(pattern) if pattern else None
+    except re.error as exc:
+        raise InputError(
+            f"--modules {pattern!r} is not a valid regular expression ({exc})", hint="it is a Python regex: escape dots as \\."
+        ) from None
     keep = []
     for name, shape in names.items():
-        if len(shape) < 2:
+        if len(shape) < 2 or 0 in shape:
             continue
         if include_all:
             keep.append(name)

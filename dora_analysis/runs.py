@@ -11,6 +11,7 @@ container registry (:data:`dora_analysis.containers.CONTAINERS`).
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -99,7 +100,11 @@ def read_step(folder: Path, step_file: str | None = "trainer_state.json") -> int
         step = json.loads(state.read_text()).get("global_step")
     except (OSError, ValueError, AttributeError) as exc:
         raise InputError("unreadable trainer_state.json", path=state) from exc
-    return int(step) if isinstance(step, (int, float)) else None
+    if step is None:
+        return None
+    if isinstance(step, bool) or not isinstance(step, (int, float)) or not math.isfinite(step) or step != int(step) or step < 0:
+        raise InputError(f"global_step is {step!r}: a step must be a whole number, 0 or more", path=state, hint="fix or remove the field")
+    return int(step)
 
 
 def match_step_folder(name: str) -> tuple[StepPattern, int] | None:

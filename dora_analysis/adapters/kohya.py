@@ -46,8 +46,12 @@ _PREFIX = re.compile(r"^(?:lora_prior_unet|lora_unet|lora_transformer|lora_te\d?
 # `<stem>.<param>` of any kohya / LyCORIS tensor: enough to recognise such a file.
 _KEY = re.compile(
     r"^(?P<stem>(?:lora|lycoris)_[^.]+)\."
-    r"(?P<param>lora_(?:down|up|mid)\.weight|alpha|dora_scale|hada_\w+|lokr_\w+|diff(?:_b)?|oft_\w+|[wb]_norm)$"
+    r"(?P<param>lora_(?:down|up|mid)\.weight|alpha|dora_scale|hada_\w+|lokr_\w+|diff(?:_b)?|oft_\w+|[wb]_norm"
+    r"|on_input|weight|[ab][12]\.weight|bm\.weight)$"
 )
+# The keys that only LyCORIS IA3 (`.on_input`) and GLoRA (`.a1.weight` ...) write: with them, a
+# file of `<stem>.weight` tensors is an adapter, not a full checkpoint.
+_LYCORIS_ONLY = re.compile(r"^(?:lora|lycoris)_[^.]+\.(?:on_input|[ab][12]\.weight)$")
 
 _UNSUPPORTED = {
     "lora_mid.weight": "LoCon with Tucker decomposition (lora_mid)",
@@ -56,12 +60,21 @@ _UNSUPPORTED = {
     "oft_": "OFT / BOFT (oft_*)",
     "w_norm": "norm-layer tuning (w_norm / b_norm)",
     "b_norm": "norm-layer tuning (w_norm / b_norm)",
+    "on_input": "IA3 (weight + on_input)",
+    "weight": "IA3 (weight + on_input)",
+    "a1.": "GLoRA (a1 / a2 / b1 / b2)",
+    "a2.": "GLoRA (a1 / a2 / b1 / b2)",
+    "b1.": "GLoRA (a1 / a2 / b1 / b2)",
+    "b2.": "GLoRA (a1 / a2 / b1 / b2)",
+    "bm.": "GLoRA (a1 / a2 / b1 / b2)",
 }
 
 
 def is_kohya(keys: list[str]) -> bool:
     """True if the keys look like a kohya / LyCORIS network (``lora_unet_..._proj.lora_down.weight``)."""
-    return any(_KEY.match(k) for k in keys)
+    # A bare `<stem>.weight` is LyCORIS IA3 only beside `.on_input`: alone it may be a model's own tensor.
+    lycoris_only = any(_LYCORIS_ONLY.match(k) for k in keys)
+    return any((m := _KEY.match(k)) and (m.group("param") != "weight" or lycoris_only) for k in keys)
 
 
 def dora_axis_of(shape: tuple[int, ...], out: int, inp: int, option: Axis | None) -> Axis:
@@ -218,7 +231,17 @@ class KohyaLora(AdapterSnapshot):
         """``alpha``, where missing or 0 means r (kohya: ``alpha = self.lora_dim if alpha is None or alpha == 0``)."""
         if "alpha" not in params:
             return float(rank)
-        alpha = float(self.store.get(params["alpha"]).float().reshape(-1)[0])
+        stored = self.store.get(params["alpha"])
+        if stored.numel() != 1 or not (stored.is_floating_point() or stored.dtype in (torch.int32, torch.int64, torch.int16)):
+            raise InputError(
+                f"alpha must be one number, got a {str(stored.dtype).removeprefix('torch.')} tensor of shape {list(stored.shape)}",
+                path=self.store.path,
+                tensor=params["alpha"],
+                hint="kohya saves alpha as a scalar (alpha / r is the scale)",
+            )
+        alpha = float(stored.double().reshape(-1)[0])
+        if not math.isfinite(alpha):
+            raise InputError(f"alpha is {alpha}", path=self.store.path, tensor=params["alpha"], hint="alpha must be a finite number")
         return alpha if alpha != 0 else float(rank)
 
     def _form(self, base_name: str) -> str | None:

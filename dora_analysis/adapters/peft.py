@@ -121,6 +121,14 @@ def pattern_value(patterns: Mapping[str, V], module: str, default: V) -> V:
     return default
 
 
+def _compiles(pattern: str) -> bool:
+    try:
+        re.compile(pattern)
+    except re.error:
+        return False
+    return True
+
+
 class PeftAdapter(AdapterSnapshot):
     """What every PEFT-format adapter shares: its config, its key split, ``modules_to_save``.
 
@@ -267,9 +275,24 @@ class PeftLora(PeftAdapter):
     def _scale(self, module: str) -> tuple[int, float]:
         """``(r, s)`` for one module, as ``LoraModel._create_and_replace`` sets them."""
         # LoraConfig's defaults: r=8, lora_alpha=8.
-        rank = pattern_value(self.config.get("rank_pattern") or {}, module, self.config.get("r", 8))
-        alpha = pattern_value(self.config.get("alpha_pattern") or {}, module, self.config.get("lora_alpha", 8))
+        rank = self._setting("rank_pattern", module, "r", 8)
+        alpha = self._setting("alpha_pattern", module, "lora_alpha", 8)
+        if isinstance(rank, bool) or not isinstance(rank, (int, float)) or rank != int(rank) or rank < 1:
+            raise self._error(f"r for {module} is {rank!r}: the rank must be a positive integer", hint="check r and rank_pattern")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+            raise self._error(f"lora_alpha for {module} is {alpha!r}: it must be a finite number", hint="check lora_alpha and alpha_pattern")
         return int(rank), lora_scale(float(alpha), int(rank), rslora=bool(self.config.get("use_rslora")))
+
+    def _setting(self, patterns_field: str, module: str, field: str, default: object) -> object:
+        """``r`` or ``lora_alpha`` for one module: its pattern's value, else the config's, else PEFT's default."""
+        patterns = self.config.get(patterns_field) or {}
+        if not isinstance(patterns, Mapping):
+            raise self._error(f"{patterns_field} must be an object of {{regex: value}}, got {type(patterns).__name__}")
+        try:
+            return pattern_value(patterns, module, self.config.get(field, default))
+        except re.error as exc:
+            bad = next((k for k in patterns if not _compiles(k)), "?")
+            raise self._error(f"{patterns_field} key {bad!r} is not a valid regular expression ({exc})") from None
 
     def _target(self, module: str, params: dict[str, str]) -> Target:
         embedding = "lora_embedding_A" in params or "lora_embedding_B" in params

@@ -62,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="md",
         help="what to measure (default md: magnitude / direction); --list-metrics shows every metric",
     )
+    sel.add_argument(
+        "--layout",
+        choices=("linear", "conv1d"),
+        help="how GPT-2-style matrices (c_attn, c_proj, c_fc) are stored when the base has no config.json to say: "
+        "'linear' [out, in] (torch Linear, e.g. GPTBigCode) or 'conv1d' [in, out] (GPT-2 Conv1D); wins over any guess",
+    )
     sel.add_argument("--dora-scale-axis", choices=("out", "in"), help="kohya/LyCORIS dora_scale axis when the shape cannot tell (square matrices)")
     sel.add_argument(
         "--intruder-k",
@@ -126,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``dora-analyze``; returns the exit status."""
     args = build_parser().parse_args(argv)
-    return run_main(PROG, lambda: _run(args), debug=args.debug)
+    return run_main(PROG, lambda: _run(args), debug=args.debug, standalone=argv is None)
 
 
 def _parse_steps(text: str | None) -> list[int] | None:
@@ -138,6 +144,43 @@ def _parse_steps(text: str | None) -> list[int] | None:
         return [int(s) for s in text.replace(" ", "").split(",") if s]
     except ValueError:
         raise InputError(f"--steps takes comma-separated integers, got {text!r}") from None
+
+
+def _check_input_path(given: str) -> None:
+    """A path the system cannot even look up (too long, a symlink loop, no permission) is named here."""
+    import errno
+    import os
+
+    from ..errors import InputError
+
+    try:
+        os.stat(given)
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+            return  # said later, with the context of what was expected there
+        shown = given if len(given) <= 120 else given[:100] + "..."
+        raise InputError(f"cannot look up this path ({exc.strerror})", path=shown) from None
+    except ValueError as exc:  # an embedded NUL byte
+        raise InputError(f"not a usable path ({exc})", path=repr(given)[:120]) from None
+
+
+def _check_device(device: str, torch: object) -> None:
+    """``--device``: cpu, cuda or cuda:N for a GPU torch sees; anything else is named."""
+    from ..errors import InputError
+
+    try:
+        dev = torch.device(device)  # type: ignore[attr-defined]
+    except (RuntimeError, ValueError):
+        raise InputError(f"unknown --device {device!r}", hint="use cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return
+    if dev.type != "cuda":
+        raise InputError(f"--device {device!r} is not supported", hint="use cpu, cuda or cuda:N")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0  # type: ignore[attr-defined]
+    if count == 0:
+        raise InputError(f"--device {device} asked for, but torch sees no CUDA device", hint="use --device cpu")
+    if dev.index is not None and dev.index >= count:
+        raise InputError(f"--device {device}: torch sees {count} CUDA device(s)", hint=f"use cuda:0 to cuda:{count - 1}")
 
 
 def _resolve_paths(paths: list[str]) -> tuple[Path, list[Path]]:
@@ -178,11 +221,16 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if not args.paths:
         raise InputError(f"no paths given (usage: {PROG} BASE TUNED [TUNED ...]; {PROG} --help)")
+    for given in args.paths:
+        _check_input_path(given)
+    if args.out is not None and not args.list:
+        from ..outputs import check_out
+
+        check_out(args.out)  # before any work: a bad --out costs nothing
+    _check_device(args.device, torch)
     base, tuned = _resolve_paths(args.paths)
     if args.last is not None and args.last < 1:
         raise InputError("--last must be at least 1")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError("--device cuda asked for, but torch sees no CUDA device", hint="use --device cpu")
 
     if args.dry_run:
         from ..dryrun import describe_plan
@@ -214,12 +262,14 @@ def _run(args: argparse.Namespace) -> int:
         metrics=[m.strip() for m in args.metrics.split(",") if m.strip()],
         metric_options={"intruder_k": args.intruder_k, "intruder_eps": args.intruder_eps, "rank": args.rank},
         reader_options={} if args.dora_scale_axis is None else {"dora_axis": args.dora_scale_axis},
+        layout=args.layout,
         progress=False if args.quiet else None,
         cache=None if args.out is None or args.no_cache else args.out / ".cache",
         engine=args.engine,
         engine_options=_engine_options(args),
     )
     summary = summarize(layers)
+    _note_undefined_direction(layers)
     if not args.quiet:
         print(format_summary(summary))
         print()
@@ -231,6 +281,30 @@ def _run(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"\nwrote {len(written)} files to {args.out}/ (report: {args.out / 'report.md'})")
     return _check_sign(summary, args.expect_sign)
+
+
+def _note_undefined_direction(layers: pd.DataFrame) -> None:
+    """Say which points have no dD (all vectors zero on a side), since the correlation leaves them out."""
+    if "delta_d" not in layers.columns:
+        return
+    missing = layers[layers["delta_d"].isna()]
+    if len(missing):
+        names = ", ".join(sorted(set(missing["module"].astype(str))))
+        print(
+            f"{PROG}: note: {len(missing)} point(s) have no direction (every vector is zero in the base or the tuned "
+            f"matrix): dD is left empty and the correlation's n leaves them out: {names}",
+            file=sys.stderr,
+        )
+
+
+def _engine_options(args: argparse.Namespace) -> dict[str, object]:
+    """``--address`` / ``--workers`` for the engine; they mean nothing to the serial one."""
+    from ..errors import InputError
+
+    options = {k: v for k, v in (("address", args.address), ("workers", args.workers)) if v is not None}
+    if options and args.engine == "serial":
+        raise InputError(f"--{next(iter(options))} applies to --engine ray", hint="add --engine ray")
+    return options
 
 
 def _watch(args: argparse.Namespace, base: Path, tuned: list[Path]) -> int:
@@ -271,16 +345,6 @@ def _watch(args: argparse.Namespace, base: Path, tuned: list[Path]) -> int:
         metrics=[m.strip() for m in args.metrics.split(",") if m.strip()],
     )
     return 0
-
-
-def _engine_options(args: argparse.Namespace) -> dict[str, object]:
-    """``--address`` / ``--workers`` for the engine; they mean nothing to the serial one."""
-    from ..errors import InputError
-
-    options = {k: v for k, v in (("address", args.address), ("workers", args.workers)) if v is not None}
-    if options and args.engine == "serial":
-        raise InputError(f"--{next(iter(options))} applies to --engine ray", hint="add --engine ray")
-    return options
 
 
 def _describe_metrics() -> str:

@@ -25,13 +25,15 @@ A container that is a folder of its own (a torch distributed checkpoint, say) re
 
 from __future__ import annotations
 
+import os
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError
 from ..registry import Registry
-from . import deepspeed, hf_cache
+from . import deepspeed, hf_cache, quantized
 from .base import TensorStore
 from .dcp import DcpStore, is_dcp_folder
 from .safetensors import SAFETENSORS_SUFFIXES, SafetensorsStore
@@ -83,6 +85,7 @@ def find_checkpoint_file(folder: Path) -> Path | None:
     ``*.safetensors.index.json``, ``*.bin.index.json``, ``*.safetensors`` or pickle file.
     """
     for name in _FOLDER_CANDIDATES:
+        refuse_special_file(folder / name)
         if (folder / name).is_file():
             return folder / name
     for pattern in ("*.safetensors.index.json", "*.bin.index.json", "*.safetensors", *(f"*{s}" for s in PICKLE_SUFFIXES)):
@@ -145,8 +148,25 @@ def _reader_for(path: Path) -> ContainerReader | None:
     return next((reader for reader in CONTAINERS if reader.claims(path)), None)
 
 
+def refuse_special_file(path: Path) -> None:
+    """Only regular files are read: a FIFO, a device or a socket would block or never end.
+
+    Raises:
+        InputError: ``path`` exists and is neither a regular file nor a folder.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return  # missing: said by the caller, in its own words
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        kinds = {stat.S_ISFIFO: "a FIFO", stat.S_ISCHR: "a device", stat.S_ISBLK: "a device", stat.S_ISSOCK: "a socket"}
+        kind = next((name for test, name in kinds.items() if test(mode)), "not a file")
+        raise InputError(f"not a regular file ({kind}); only regular files are read", path=path)
+
+
 def open_file(path: Path) -> TensorStore:
     """Open one checkpoint file (safetensors, pickle, an index of shards, or a registered format)."""
+    refuse_special_file(path)
     reader = _reader_for(path) if path.is_file() else None
     if reader is None:
         raise InputError("unknown checkpoint format", path=path, hint=f"expected {_formats()}")
@@ -171,13 +191,14 @@ def open_checkpoint(path: str | Path) -> TensorStore:
         InputError: The path is missing, holds no checkpoint, or cannot be read.
     """
     path = Path(path)
+    refuse_special_file(path)
     if not path.exists():
         if hf_cache.parse_hub_id(str(path)) is not None:
             return open_checkpoint(hf_cache.resolve_hub_id(str(path)))  # ORG/NAME[@REV], from the cache only
         raise InputError("no such file or folder", path=path)
     reader = _reader_for(path)
     if reader is not None:
-        return reader.open(path)
+        return quantized.wrap(reader.open(path))  # quantized weights dequantized, or refused by name
     if path.is_dir():
         raise InputError(
             "no checkpoint in folder",

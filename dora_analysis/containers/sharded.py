@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -40,6 +42,15 @@ class ShardedStore(TensorStore):
         self._weight_map: dict[str, str] = {str(k): str(v) for k, v in weight_map.items()}
         self._shards: dict[str, TensorStore] = {}
         for shard in set(self._weight_map.values()):
+            if shard.endswith(".index.json") or (index_path.parent / shard).resolve() == index_path.resolve():
+                raise InputError(
+                    f"the index lists an index as a shard ({shard}), which would read itself forever",
+                    path=index_path,
+                    hint="each weight_map value must name a weights file (.safetensors, .bin)",
+                )
+            mode = _mode(index_path.parent / shard)
+            if mode is not None and not stat.S_ISREG(mode):
+                raise InputError("not a regular file; only regular files are read", path=index_path.parent / shard)
             if not (index_path.parent / shard).is_file():
                 raise InputError("shard listed in the index is missing", path=index_path.parent / shard)
 
@@ -59,8 +70,16 @@ class ShardedStore(TensorStore):
     def shape(self, key: str) -> tuple[int, ...]:
         return self._shard(key).shape(key)
 
-    def _read(self, key: str) -> torch.Tensor:
-        return self._shard(key).get(key)
     def dtype(self, key: str) -> torch.dtype | None:
         return self._shard(key).dtype(key)
 
+    def _read(self, key: str) -> torch.Tensor:
+        return self._shard(key).get(key)
+
+
+def _mode(path: Path) -> int | None:
+    """The file type and permission bits of ``path`` (following links), or None if it cannot be seen."""
+    try:
+        return os.stat(path).st_mode
+    except (OSError, ValueError):
+        return None

@@ -25,8 +25,10 @@ import csv
 import io
 import json
 import os
+import pickle
 import random
 import shutil
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,7 +38,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ..errors import InputError
+from ..errors import InputError, first_line
 from ..peft_format import ADAPTER_CONFIG, ADAPTER_SAFETENSORS, LORA_A, LORA_B, MAGNITUDE, peft_key
 from ..runs import checkpoint_dirs
 from .layers import DoRALinear
@@ -347,10 +349,14 @@ class CheckpointWriter:
         """Restore weights, optimizer, schedule and RNG from ``checkpoint``; return its trainer state."""
         self._load_weights(checkpoint, model)
         device = next(model.parameters()).device
-        optimizer.load_state_dict(torch.load(checkpoint / OPTIMIZER, map_location=device, weights_only=True))
-        scheduler.load_state_dict(torch.load(checkpoint / SCHEDULER, weights_only=True))
-        _set_rng_state(torch.load(checkpoint / RNG_STATE, weights_only=True))
-        return json.loads((checkpoint / TRAINER_STATE).read_text(encoding="utf-8"))
+        _restore(checkpoint / OPTIMIZER, optimizer.load_state_dict, map_location=device)
+        _restore(checkpoint / SCHEDULER, scheduler.load_state_dict)
+        _restore(checkpoint / RNG_STATE, _set_rng_state)
+        state_file = checkpoint / TRAINER_STATE
+        try:
+            return json.loads(state_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise InputError(f"unreadable trainer state ({first_line(exc)})", path=state_file, hint=_RESUME_HINT) from None
 
     @torch.no_grad()
     def _load_weights(self, checkpoint: Path, model: EncoderClassifier) -> None:
@@ -369,6 +375,27 @@ class CheckpointWriter:
                     tensor.copy_(fh.get_tensor(key))
         except (SafetensorError, OSError) as exc:
             raise InputError("unreadable checkpoint weights", path=path) from exc
+
+
+_RESUME_HINT = "remove this checkpoint folder to resume from the one before it, or start again without --resume"
+
+
+def _restore(path: Path, apply: Any, **load: Any) -> None:
+    """Load one piece of resume state (optimizer, schedule, RNG) and hand it to ``apply``.
+
+    Raises:
+        InputError: The file is missing, truncated or corrupt, or does not fit this run.
+    """
+    try:
+        state = torch.load(path, weights_only=True, **load)
+    except FileNotFoundError:
+        raise InputError("resume state missing", path=path, hint=_RESUME_HINT) from None
+    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as exc:
+        raise InputError(f"truncated or corrupt resume state ({first_line(exc)})", path=path, hint=_RESUME_HINT) from None
+    try:
+        apply(state)
+    except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as exc:
+        raise InputError(f"resume state does not fit this run ({first_line(exc)})", path=path, hint=_RESUME_HINT) from None
 
 
 def _rng_state() -> dict[str, Any]:

@@ -7,6 +7,7 @@ a run needs only the step to continue the same data stream.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import random
 from collections.abc import Iterator, Sequence
@@ -35,7 +36,6 @@ ADJECTIVES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
         ("bad", "terrible", "awful", "poor", "boring", "horrible", "dull", "ugly", "nasty", "disappointing"),
     ),
 }
-
 
 
 @dataclass(frozen=True)
@@ -131,9 +131,35 @@ def read_examples(path: str | Path) -> list[Example]:
     return examples
 
 
+# Labels are class indices and the head gets max(label) + 1 outputs: a stray 10**9 must not
+# become a billion-way classifier.
+MAX_LABELS = 10_000
+
+
+def _text(path: Path) -> str:
+    """The whole file as text: UTF-8, a leading byte-order mark dropped (spreadsheets write one).
+
+    Raises:
+        InputError: Bytes that are not UTF-8, with the line they are on.
+    """
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"cannot read ({exc.strerror})", path=path) from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise InputError(
+            f"line {line}: bytes that are not UTF-8 ({data[exc.start : exc.start + 1]!r} at byte {exc.start})",
+            path=path,
+            hint="save the file as UTF-8",
+        ) from None
+
+
 def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """``(line number, object)`` for each non-blank line of a JSONL file."""
-    with path.open(encoding="utf-8") as fh:
+    with io.StringIO(_text(path)) as fh:
         for line_no, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
@@ -148,9 +174,12 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
 
 def _csv_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """``(line number, row)`` for each data row of a CSV file with a header."""
-    with path.open(encoding="utf-8", newline="") as fh:
+    with io.StringIO(_text(path), newline="") as fh:
         reader = csv.DictReader(fh)
-        columns = reader.fieldnames or []
+        try:
+            columns = reader.fieldnames or []
+        except csv.Error as exc:
+            raise InputError(f"line 1: not valid CSV ({exc})", path=path) from None
         missing = [c for c in ("text", "label") if c not in columns]
         if missing:
             raise InputError(
@@ -158,7 +187,14 @@ def _csv_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
                 path=path,
                 hint="the first row must be a header naming text and label",
             )
-        for row in reader:
+        rows = iter(reader)
+        while True:
+            try:
+                row = next(rows)
+            except StopIteration:
+                return
+            except csv.Error as exc:
+                raise InputError(f"line {reader.line_num}: not valid CSV ({exc})", path=path) from None
             if None in row:  # DictReader puts surplus fields under the key None
                 raise InputError(f"line {reader.line_num}: more fields than the header has", path=path)
             yield reader.line_num, row
@@ -176,12 +212,21 @@ def _example(record: dict[str, Any], path: Path, line: int) -> Example:
 
 
 def _label(value: object, path: Path, line: int) -> int:
-    """A label as a non-negative int; accepts ints and strings of digits (CSV cells)."""
+    """A label as an int in [0, MAX_LABELS); accepts ints and strings of ASCII digits (CSV cells)."""
+    label: int | None = None
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    if isinstance(value, str) and value.strip().isdigit():
-        return int(value.strip())
-    raise InputError(f"line {line}: label must be a non-negative integer, got {value!r}", path=path)
+        label = value
+    elif isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
+        label = int(value.strip())
+    if label is None:
+        raise InputError(f"line {line}: label must be a non-negative integer, got {str(value)[:40]!r}", path=path)
+    if label >= MAX_LABELS:
+        raise InputError(
+            f"line {line}: label {str(label)[:20]} is out of range: labels are class indices 0 to {MAX_LABELS - 1}",
+            path=path,
+            hint="number the classes 0, 1, 2 ...",
+        )
+    return label
 
 
 def num_labels(examples: Sequence[Example]) -> int:
