@@ -152,7 +152,7 @@ def analyze(
     store = base if isinstance(base, TensorStore) else _open_base(base)
     runs = open_runs(tuned, method=method, steps=steps, last=last, reader_options=reader_options)
     shapes = {k: store.shape(k) for k in store.keys()}
-    selected = nm.select(shapes, modules, include_all=all_modules)
+    selected = select_modules(shapes, modules, include_all=all_modules)
     if not selected:
         what = f"--modules {modules!r}" if modules else "the default selection (2-D weights inside numbered blocks)"
         raise InputError(f"no tensor matches {what}", path=store.path, hint="list names with `dora-analyze --list BASE`")
@@ -175,6 +175,14 @@ def analyze(
 def _cache_context(device: torch.device, policy: ExecutionPolicy, reader_options: Mapping[str, Any] | None) -> dict[str, Any]:
     """What, besides the files and the metric, a stored number depends on."""
     return {"device": device.type, "block_elements": policy.block_for(device), "reader_options": dict(reader_options or {})}
+
+
+def select_modules(shapes: Mapping[str, tuple[int, ...]], modules: str | None, *, include_all: bool = False) -> list[str]:
+    """:func:`dora_analysis.names.select`, with a bad ``--modules`` regex as an ``InputError``."""
+    try:
+        return nm.select(shapes, modules, include_all=include_all)
+    except nm.InvalidPattern as exc:
+        raise InputError(f"--modules {exc}", hint="it is a Python regex: escape dots as \\.") from None
 
 
 def _table(records: list[dict[str, object]], runs: list[Run], metrics: Sequence[Metric]) -> pd.DataFrame:

@@ -8,8 +8,6 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 
-from .errors import InputError
-
 # Prefixes that wrappers add around the same model: DDP/DataParallel, torch.compile, PEFT.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "base_model.model.")
 
@@ -147,21 +145,27 @@ def wrapper_collisions(names: Iterable[str]) -> list[tuple[str, str]]:
     return clashes
 
 
-class NameCollision(InputError):
+class NameCollision(ValueError):
     """Two tensors of one checkpoint that name the same tensor once wrapper prefixes are stripped.
 
+    Pure vocabulary: the caller, which knows the file, turns it into an ``InputError``.
+
     Attributes:
-        side: ``"base"`` or ``"tuned"``: which checkpoint holds both (the caller adds its path).
+        side: ``"base"`` or ``"tuned"``: which checkpoint holds both.
         pair: The two names.
     """
 
-    def __init__(self, side: str, pair: tuple[str, str], *, path: object = None) -> None:
+    hint = "which one holds the weights is not knowable; save the checkpoint without the duplicate"
+
+    def __init__(self, side: str, pair: tuple[str, str]) -> None:
         self.side, self.pair = side, pair
         super().__init__(
-            f"two tensors are the same once wrapper prefixes ({', '.join(WRAPPER_PREFIXES)}) are stripped: {pair[0]!r} and {pair[1]!r}",
-            path=path,  # type: ignore[arg-type]
-            hint="which one holds the weights is not knowable; save the checkpoint without the duplicate",
+            f"two tensors are the same once wrapper prefixes ({', '.join(WRAPPER_PREFIXES)}) are stripped: {pair[0]!r} and {pair[1]!r}"
         )
+
+
+class InvalidPattern(ValueError):
+    """A module pattern that is not a regular expression (the caller says which option gave it)."""
 
 
 def match_names(base: Iterable[str], tuned: Iterable[str]) -> dict[str, str]:
@@ -239,14 +243,12 @@ def select(
         no rows or no columns holds no vector to measure and is never selected.
 
     Raises:
-        InputError: ``pattern`` is not a valid regular expression.
+        InvalidPattern: ``pattern`` is not a valid regular expression.
     """
     try:
         regex = re.compile(pattern) if pattern else None
     except re.error as exc:
-        raise InputError(
-            f"--modules {pattern!r} is not a valid regular expression ({exc})", hint="it is a Python regex: escape dots as \\."
-        ) from None
+        raise InvalidPattern(f"{pattern!r} is not a valid regular expression ({exc})") from None
     keep = []
     for name, shape in names.items():
         if len(shape) < 2 or 0 in shape:

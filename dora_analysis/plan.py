@@ -74,7 +74,7 @@ def build_plan(base: TensorStore, runs: list[Run], selected: list[str], *, layou
             try:
                 provided = snap.bind(base)
             except nm.NameCollision as exc:
-                raise nm.NameCollision(exc.side, exc.pair, path=base.path if exc.side == "base" else snap.path) from None
+                raise InputError(str(exc), path=base.path if exc.side == "base" else snap.path, hint=exc.hint) from None
             if snap.complete and isinstance(snap, FullSnapshot):
                 snap, provided = _tied_heads(base, snap, selected, provided)
             if snap.complete:

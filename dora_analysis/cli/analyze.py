@@ -209,8 +209,7 @@ def _run(args: argparse.Namespace) -> int:
     matplotlib.use("Agg")  # a command-line run never opens a window
     import torch
 
-    from .. import names as nm
-    from ..analysis import analyze
+    from ..analysis import analyze, select_modules
     from ..containers import open_checkpoint
     from ..errors import InputError
     from ..summary import summarize
@@ -228,6 +227,7 @@ def _run(args: argparse.Namespace) -> int:
 
         check_out(args.out)  # before any work: a bad --out costs nothing
     _check_device(args.device, torch)
+    select_modules({}, args.modules)  # a bad --modules regex is named before any file is read
     base, tuned = _resolve_paths(args.paths)
     if args.last is not None and args.last < 1:
         raise InputError("--last must be at least 1")
@@ -240,7 +240,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.list:
         store = open_checkpoint(base)
         shapes = {k: store.shape(k) for k in store.keys()}
-        for name in nm.select(shapes, args.modules, include_all=args.all_modules):
+        for name in select_modules(shapes, args.modules, include_all=args.all_modules):
             print(f"{name}\t{list(shapes[name])}")
         return 0
 
