@@ -694,3 +694,60 @@ def plot_heatmap_grid(
         plot_heatmap(part, value=value, ax=ax, **kwargs)
     g.tight_layout()
     return g
+
+
+# --------------------------------------------------------------------------------------------
+# Spectral views (the spectrum, intruders and amplification metrics; pairs.csv)
+# --------------------------------------------------------------------------------------------
+
+
+def plot_intruders(data: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
+    """Intruder dimensions per layer, one bar per run (FT | LoRA | DoRA side by side).
+
+    Each bar is the mean ``intruders`` count over the layer's matrices at the run's last step.
+
+    Args:
+        data: The analyzer's frame with the ``intruders`` metric's columns.
+        ax: Axes to draw on (default: a new figure's).
+    """
+    _require(data, ["run", "step", "layer", "intruders"], "plot_intruders")
+    last = data[data["step"] == data.groupby("run")["step"].transform("max")]
+    last = last[last["layer"].notna()]
+    ax = ax if ax is not None else plt.subplots(figsize=(7, 3.2))[1]
+    runs = [r for r in run_order(data) if r in set(last["run"])]
+    means = last.groupby(["layer", "run"])["intruders"].mean().unstack("run").reindex(columns=runs)
+    layers = list(means.index)
+    width = 0.8 / max(len(runs), 1)
+    for i, run in enumerate(runs):
+        method = str(data.loc[data["run"] == run, "method"].iloc[0])
+        ax.bar(np.arange(len(layers)) + (i - (len(runs) - 1) / 2) * width, means[run].to_numpy(), width, label=run_label(run, method))
+    ax.set_xticks(np.arange(len(layers)), [str(int(x)) for x in layers])
+    ax.set_xlabel("layer")
+    ax.set_ylabel("intruder dimensions (mean per matrix)")
+    ax.legend(frameon=False, fontsize="small")
+    return ax
+
+
+def plot_stable_rank(data: pd.DataFrame, *, value: str = "dw_stable_rank", ax: Axes | None = None) -> Axes:
+    """A spectrum column (stable rank by default) across training steps, one line per run:
+    the mean over matrices, with its 95% interval."""
+    _require(data, ["run", "step", value], "plot_stable_rank")
+    ax = ax if ax is not None else plt.subplots(figsize=(5, 3.2))[1]
+    for run in run_order(data):
+        part = data[data["run"] == run]
+        method = str(part["method"].iloc[0])
+        sns.lineplot(part, x="step", y=value, errorbar=("ci", 95), marker="o", ax=ax, label=run_label(run, method))
+    ax.set_ylabel(_label(value))
+    ax.legend(frameon=False, fontsize="small")
+    return ax
+
+
+def plot_subspace_similarity(pairs: pd.DataFrame, *, ax: Axes | None = None, **heatmap: Any) -> Axes:
+    """phi(i, j) of ``pairs.csv`` as a heatmap, averaged over the rows given (filter first to
+    one pair of runs or steps; Hu et al. 2021, LoRA, figures 3-4)."""
+    _require(pairs, ["i", "j", "phi"], "plot_subspace_similarity")
+    grid = pairs.groupby(["i", "j"])["phi"].mean().unstack("j")
+    ax = ax if ax is not None else plt.subplots(figsize=(4.2, 3.6))[1]
+    sns.heatmap(grid, vmin=0, vmax=1, cmap="viridis", ax=ax, cbar_kws={"label": "φ(i, j)"}, **heatmap)
+    ax.invert_yaxis()
+    return ax

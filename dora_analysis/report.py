@@ -46,6 +46,7 @@ DATA_FILES = {
     "layers.csv": "one row per run, step and matrix",
     "summary.csv": "the summary table",
     "summary.json": "the summary table, as JSON",
+    "pairs.csv": "subspace similarity phi(i, j) between every two tuned versions of each matrix",
 }
 
 
@@ -374,6 +375,57 @@ def _draw_figures(layers: pd.DataFrame, out_dir: Path, fmt: str) -> list[FigureB
     return drawn
 
 
+def _draw_spectral_figures(layers: pd.DataFrame, out_dir: Path, fmt: str) -> list[FigureBlock]:
+    """The spectral metrics' figures, for the columns present: intruders per layer and run,
+    stable rank across steps, and the subspace-similarity heatmap of ``pairs.csv``."""
+    from .analysis import subspace_pairs
+
+    (out_dir / "figures").mkdir(exist_ok=True)
+    mime = "image/svg+xml" if fmt == "svg" else "image/png"
+    drawn: list[FigureBlock] = []
+
+    def save(ax: plt.Axes, name: str, title: str, caption: str) -> None:
+        try:
+            rel = f"figures/{name}.{fmt}"
+            ax.figure.tight_layout()
+            data = _save(ax.figure, out_dir / rel, fmt)  # type: ignore[arg-type]
+            drawn.append(FigureBlock(rel, title, caption, mime, data, _css_width(data, mime)))
+        finally:
+            plt.close(ax.figure)  # type: ignore[arg-type]
+
+    has_layers = layers["layer"].notna().any()
+    if "intruders" in layers.columns and has_layers:
+        k = int(layers["intruder_k"].max()) if "intruder_k" in layers.columns else None
+        save(
+            plotting.plot_intruders(layers),
+            "intruders",
+            "Intruder dimensions per layer",
+            f"Mean number of intruder dimensions per matrix of each layer at each run's last step (top {k} singular vectors of W_t), one bar per run.",
+        )
+    if "dw_stable_rank" in layers.columns and layers.groupby("run")["step"].nunique().max() > 1:
+        save(
+            plotting.plot_stable_rank(layers),
+            "stable_rank",
+            "Stable rank of the update across training",
+            "Stable rank ||dW||²_F / σ₁² of each run's update at each checkpoint: the mean over matrices, with its 95% interval.",
+        )
+    pairs = subspace_pairs(layers)
+    if len(pairs):
+        last = pairs.groupby(["run_a", "run_b"], sort=False)["step_b"].transform("max")
+        chosen = pairs[(pairs["step_a"] == last) & (pairs["step_b"] == last)]
+        scope = "the two runs' last checkpoints" if len(chosen) else "every pair of checkpoints"
+        chosen = chosen if len(chosen) else pairs
+        save(
+            plotting.plot_subspace_similarity(chosen),
+            "subspace_similarity",
+            "Subspace similarity of the updates",
+            f"φ(i, j) = ||U_aᵀ[:i] U_b[:j]||²_F / min(i, j) between the top singular directions of two updates of the same matrix "
+            f"(Hu et al. 2021, LoRA, figure 3), averaged over matrices and over {scope}; 1 means the same subspace, 0 orthogonal ones. "
+            "Every pair is in pairs.csv.",
+        )
+    return drawn
+
+
 # --------------------------------------------------------------------------------------------
 # The report's text
 # --------------------------------------------------------------------------------------------
@@ -605,6 +657,7 @@ def write_report(
     if plots and not layers.empty:
         with plt.ioff():  # never pop up a window, whatever the backend
             figures = _draw_figures(layers, out_dir, fmt)
+            figures += _draw_spectral_figures(layers, out_dir, fmt)
 
     blocks = _blocks(layers, summary, figures, out_dir, paper)
     md, page = out_dir / "report.md", out_dir / "report.html"
