@@ -78,7 +78,9 @@ def write_pair(root: Path, layers: int) -> tuple[Path, Path]:
     for name, shape in llama_shapes(layers).items():
         w = torch.randn(shape, generator=gen) * 0.02
         shard["base"][name] = w.to(torch.bfloat16)
-        shard["tuned"][name] = (w * (1 + 0.01 * torch.randn(shape[0], *[1] * (len(shape) - 1), generator=gen)) + 0.002 * torch.randn(shape, generator=gen)).to(torch.bfloat16)
+        shard["tuned"][name] = (
+            w * (1 + 0.01 * torch.randn(shape[0], *[1] * (len(shape) - 1), generator=gen)) + 0.002 * torch.randn(shape, generator=gen)
+        ).to(torch.bfloat16)
         weight_map[name] = f"model-{n + 1:05d}.safetensors"
         size += w.numel() * 2
         if size >= SHARD_BYTES:
@@ -236,7 +238,9 @@ def main() -> None:
         results = [bench_pair(Path(tmp), args.layers, args.repeats)]
         if not args.no_double:
             results.append(bench_pair(Path(tmp), 2 * args.layers, args.repeats))
-    print("\nlayers  size/ckpt  read (s)  analyze (s)  analyze/read  peak RSS read  peak RSS analyze  target RSS (3 x largest f32 + 500 MB)")
+    print(
+        "\nlayers  size/ckpt  read (s)  analyze (s)  analyze/read  peak RSS read  peak RSS analyze  target RSS (3 x largest f32 + 500 MB)"
+    )
     for r in results:
         print(
             f"{r['layers']:6d}  {r['gb']:6.2f} GB  {r['read_s']:8.2f}  {r['analyze_s']:11.2f}  {r['ratio']:12.2f}"
