@@ -29,11 +29,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
+# Which vectors a matrix is read as: one per output feature ("out", the paper's) or per input
+# feature ("in"). The one axis type of the package: the analysis, DoRA magnitudes, kohya scales.
 Axis = Literal["out", "in"]
+AXES: tuple[Axis, ...] = get_args(Axis)
 
 # Default elements per float64 block, when the caller does not choose (the code that runs a
 # plan does, see ``dora_analysis.engine``). On the CPU, 512 KB: small enough to stay in a
@@ -70,7 +73,7 @@ def _stored_2d(weight: torch.Tensor, *, fan_in_fan_out: bool, axis: Axis) -> tup
     """
     if weight.ndim < 2:
         raise ValueError(f"expected a weight with at least 2 dimensions, got shape {tuple(weight.shape)}")
-    if axis not in ("out", "in"):
+    if axis not in AXES:
         raise ValueError(f"axis must be 'out' or 'in', got {axis!r}")
     if fan_in_fan_out and weight.ndim != 2:
         raise ValueError(f"fan_in_fan_out applies to 2-D weights, got shape {tuple(weight.shape)}")

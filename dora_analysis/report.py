@@ -35,6 +35,8 @@ from matplotlib.figure import Figure
 from . import __version__
 from . import plots as plotting
 from .paper import PAPER_R, PAPER_SETTING, is_paper_kind, method_label
+from .metrics import Metric, metrics_of
+from .metrics.md import MagnitudeDirection
 from .stats import has_sign, strength
 
 FORMATS = ("png", "svg", "pdf")
@@ -452,14 +454,6 @@ def _overview(layers: pd.DataFrame) -> str:
     )
 
 
-_METHOD_TEXT = (
-    "ΔM is the mean absolute change of the vector norms (magnitudes) from the base weights, ΔD the mean of "
-    "1 − cos between each vector and its base vector (direction), per matrix and checkpoint "
-    "(Liu et al., ICML 2024, section 3.2). The paper's figure 2 plots ΔM against ΔD: full fine-tuning (FT) "
-    "and DoRA show a negative slope (large changes of magnitude come with small changes of direction, "
-    "or the reverse), LoRA a positive one (the two move together)."
-)
-
 _WITHIN_BETWEEN_TEXT = (
     "Reading the parts: the pooled r mixes the same matrix moving across checkpoints (within: ΔM and ΔD "
     "both grow with training, so this part tends to be positive for every method) with differences between "
@@ -523,34 +517,55 @@ def _paper_table(summary: pd.DataFrame, paper: Mapping[str, float]) -> Table:
     return Table(("run", "method", "kind", "measured r", "paper r (fig. 2)", "same sign"), tuple(rows))
 
 
-def _summary_table(summary: pd.DataFrame) -> Table:
-    """Every summary row; interval and parts only when the summary has them."""
-    has_ci = {"r_ci_low", "r_ci_high"} <= set(summary.columns)
-    has_parts = {"r_within", "r_between"} <= set(summary.columns)
-    header = ["run", "method", "kind", "n", "Pearson r"]
-    header += ["95% CI"] if has_ci else []
-    header += ["p", "Spearman ρ", "slope"]
-    header += ["r between", "r within"] if has_parts else []
-    header += ["reading"]
+def _summary_table(summary: pd.DataFrame, metric: Metric) -> Table:
+    """A metric's summary columns for every summary row, headers and formats from its column specs.
+
+    Only the columns the summary has are shown (a summary written by an older version may lack
+    some); a metric that reads its rows in words adds a ``reading`` column.
+    """
+    columns = [c for c in metric.summary_columns if c.name in summary.columns]
+    reading = getattr(metric, "reading", None)
+    header = ("run", "method", "kind", *(c.header for c in columns), *(("reading",) if reading else ()))
     rows = []
     for row in summary.to_dict("records"):
-        cells = [str(row["run"]), method_label(str(row["method"])), str(row["kind"]), str(row["n"]), _r(row["pearson_r"])]
-        if has_ci:
-            lo, hi = _get(row, "r_ci_low"), _get(row, "r_ci_high")
-            cells.append(f"[{_r(lo)}, {_r(hi)}]" if math.isfinite(lo) and math.isfinite(hi) else "n/a")
-        cells += [_p(row.get("pearson_p")), _r(row.get("spearman_rho")), _num(row.get("slope"), ".3g")]
-        if has_parts:
-            cells += [_r(row["r_between"]), _r(row["r_within"])]
-        cells.append(strength(_get(row, "pearson_r")))
+        cells = [str(row["run"]), method_label(str(row["method"])), str(row["kind"])]
+        cells += [c.display(row.get(c.name)) for c in columns]
+        if reading is not None:
+            cells.append(reading(row))
         rows.append(tuple(cells))
-    return Table(tuple(header), tuple(rows))
+    return Table(header, tuple(rows))
+
+
+def _last_step_table(layers: pd.DataFrame, metric: Metric) -> Table:
+    """A metric's headline columns at each run's last step, averaged over the matrices of a kind."""
+    by_name = {c.name: c for c in metric.columns}
+    columns = [by_name[n] for n in metric.headline if n in layers.columns]
+    last = layers[layers["step"] == layers.groupby("run")["step"].transform("max")]
+    means = last.groupby(["run", "method", "kind"], sort=False)[[c.name for c in columns]].mean().reset_index()
+    header = ("run", "method", "kind", "step", *(f"mean {c.header}" for c in columns))
+    steps = last.groupby("run")["step"].max()
+    rows = tuple(
+        (str(r["run"]), method_label(str(r["method"])), str(r["kind"]), str(steps[r["run"]]), *(c.display(r[c.name]) for c in columns))
+        for r in means.to_dict("records")
+    )
+    return Table(header, rows)
+
+
+def _metric_section(layers: pd.DataFrame, summary: pd.DataFrame, metric: Metric) -> list[Block]:
+    """A metric's own section: its title, its plain-language description, its numbers."""
+    blocks: list[Block] = [Heading(metric.title), Paragraph(metric.description)]
+    if any(c.name in summary.columns for c in metric.summary_columns):
+        blocks.append(_summary_table(summary, metric))
+    if any(n in layers.columns for n in metric.headline):
+        blocks.append(_last_step_table(layers, metric))
+    return blocks
 
 
 def _growth_table(layers: pd.DataFrame) -> Table | None:
     """Signed magnitude change per run and kind: do the vectors grow or shrink?"""
     if not {"delta_m_signed", "base_norm"} <= set(layers.columns):
         return None
-    from .analysis import magnitude_direction
+    from .summary import magnitude_direction
 
     rows = []
     for row in magnitude_direction(layers).to_dict("records"):
@@ -580,13 +595,32 @@ def _blocks(
     out_dir: Path,
     paper: Mapping[str, float] | None,
 ) -> list[Block]:
-    blocks: list[Block] = [Paragraph(f"Written by dora-analysis {__version__}."), Paragraph(_METHOD_TEXT)]
+    metrics = metrics_of(layers.columns)
+    md = next((m for m in metrics if isinstance(m, MagnitudeDirection)), None)
+    blocks: list[Block] = [Paragraph(f"Written by dora-analysis {__version__}.")]
+    blocks += [Paragraph(md.description)] if md is not None else []
     if layers.empty or summary.empty:
         return blocks + [Paragraph("No matrices were compared: there is nothing to report.")]
     # Order the runs as the figures do: FT, LoRA, DoRA, others.
     rank = {run: i for i, run in enumerate(plotting.run_order(summary))}
     summary = summary.sort_values("run", key=lambda s: s.map(rank), kind="stable")
-    blocks += [Paragraph(_overview(layers)), Heading("Findings"), _findings(summary, paper)]
+    blocks.append(Paragraph(_overview(layers)))
+    if md is not None:
+        blocks += _md_sections(layers, summary, md, paper)
+    for metric in metrics:
+        if metric is not md:
+            blocks += _metric_section(layers, summary, metric)
+    if figures:
+        blocks += [Heading("Figures"), *figures]
+    present = tuple((name, what) for name, what in DATA_FILES.items() if (out_dir / name).is_file())
+    if present:
+        blocks += [Heading("Data"), FileLinks(present)]
+    return blocks
+
+
+def _md_sections(layers: pd.DataFrame, summary: pd.DataFrame, md: MagnitudeDirection, paper: Mapping[str, float] | None) -> list[Block]:
+    """The magnitude / direction findings: r in words, the paper beside it, growth, the summary."""
+    blocks: list[Block] = [Heading("Findings"), _findings(summary, paper)]
     if {"r_within", "r_between"} <= set(summary.columns):
         blocks.append(Paragraph(_WITHIN_BETWEEN_TEXT))
     if paper:
@@ -594,19 +628,13 @@ def _blocks(
         if table.rows:
             blocks += [
                 Heading("Compared with the paper"),
-                Paragraph("The paper's figure 2 reports Pearson r over the query matrices of 6 layers at 4 checkpoints; the measured r is for the kind named, pooled over layers and checkpoints."),
+                Paragraph(f"The paper's figure 2 reports Pearson r over the {PAPER_SETTING}; the measured r is for the kind named, pooled over layers and checkpoints."),
                 table,
             ]
     growth = _growth_table(layers)
     if growth is not None and growth.rows:
         blocks += [Heading("Do the vectors grow or shrink?"), Paragraph(_GROWTH_TEXT), growth]
-    blocks += [Heading("Summary"), _summary_table(summary)]
-    if figures:
-        blocks += [Heading("Figures"), *figures]
-    present = tuple((name, what) for name, what in DATA_FILES.items() if (out_dir / name).is_file())
-    if present:
-        blocks += [Heading("Data"), FileLinks(present)]
-    return blocks
+    return blocks + [Heading("Summary"), _summary_table(summary, md)]
 
 
 def write_report(
@@ -654,9 +682,12 @@ def write_report(
     title = title or "Magnitude and direction of fine-tuning updates (ΔM vs ΔD)"
 
     figures: list[FigureBlock] = []
-    if plots and not layers.empty:
+    # The figures plot dM against dD: the md metric's columns.
+    if plots and not layers.empty and {"delta_d", "delta_m"} <= set(layers.columns):
         with plt.ioff():  # never pop up a window, whatever the backend
             figures = _draw_figures(layers, out_dir, fmt)
+    if plots and not layers.empty:
+        with plt.ioff():
             figures += _draw_spectral_figures(layers, out_dir, fmt)
 
     blocks = _blocks(layers, summary, figures, out_dir, paper)

@@ -26,7 +26,7 @@ from typing import Any
 
 from ..containers import TensorStore, find_checkpoint_file, hf_cache, open_file
 from ..errors import InputError
-from ..decompose import Axis
+from ..decompose import AXES, Axis
 from ..registry import Registry
 from ..snapshot import Snapshot
 from .kohya import KohyaLora, is_kohya
@@ -182,7 +182,7 @@ def _open_kohya_format(path: Path, options: ReaderOptions) -> Snapshot | None:
     if found is None or not is_kohya(found[1].keys()):
         return None
     axis: Axis | None = options.get("dora_axis")
-    if axis not in (None, "out", "in"):
+    if axis is not None and axis not in AXES:
         raise InputError(f"dora_axis must be 'out' or 'in', got {axis!r}")
     return KohyaLora(path, found[1], dora_axis=axis)
 

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 import pandas as pd
 import torch
 
-from ..decompose import Axis, compare
+from ..decompose import AXES, Axis, compare
 from ..stats import correlate, strength
 from .base import Column, MatrixContext
 
@@ -63,7 +63,7 @@ class MagnitudeDirection:
     summary_inputs: ClassVar[tuple[str, ...]] = ("delta_d", "delta_m")
 
     def __init__(self, axis: Axis = "out") -> None:
-        if axis not in ("out", "in"):
+        if axis not in AXES:
             raise ValueError(f"axis must be 'out' or 'in', got {axis!r}")
         self.axis: Axis = axis
 
