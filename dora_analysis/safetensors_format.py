@@ -71,8 +71,9 @@ _USIZE_END = 1 << 64  # offsets and dims are Rust usize: u64 on the platforms th
 _I64_MIN = -(1 << 63)
 # serde-json refuses the 128th nested array/object, even inside fields it then ignores.
 _MAX_DEPTH = 127
-_FIELDS = ("dtype", "shape", "data_offsets")
+_FIELDS = frozenset(("dtype", "shape", "data_offsets"))
 _SURROGATE = re.compile("[\ud800-\udfff]")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 _HINT = "the file may be truncated or corrupt; re-download or re-save it"
 
 
@@ -184,9 +185,8 @@ def _parse(read: Callable[[int, int], bytes], file_size: int) -> Header:
         raise _Reject(f"header is not valid UTF-8 ({first_line(exc)})") from None
     tensors, metadata = _interpret(_load_json(text))
     data_start = _LEN_BYTES + n
-    _check_layout(tensors, file_size - data_start)
-    ordered = dict(sorted(tensors.items(), key=lambda kv: (kv[1].begin, kv[1].end)))
-    return Header(data_start, ordered, metadata)
+    ordered = _check_layout(tensors, file_size - data_start)
+    return Header(data_start, dict(ordered), metadata)
 
 
 # --- JSON, read as strictly as serde-json reads it -----------------------------------------
@@ -227,25 +227,29 @@ def _load_json(text: str) -> Any:
         )
     except (ValueError, RecursionError) as exc:
         raise _Reject(f"header is not valid JSON ({first_line(exc)})") from None
-    _check_json_tree(value)
+    # Python's json joins an escaped surrogate pair into one character and keeps a lone one;
+    # with no surrogate escape in the text there is nothing to look for.
+    _check_json_tree(value, strings=_SURROGATE_ESCAPE.search(text) is not None)
     return value
 
 
-def _check_json_tree(value: Any) -> None:
-    """Refuse what Python's json takes but serde-json does not: deep nesting, lone surrogates."""
+def _check_json_tree(value: Any, *, strings: bool) -> None:
+    """Refuse what Python's json takes but serde-json does not: deep nesting, lone surrogates.
+
+    ``strings``: look for lone surrogates too (only needed if the text escapes any surrogate).
+    """
+    if not isinstance(value, list):
+        return  # a bare scalar: refused later, as not an object
     stack = [(value, 1)]
     while stack:
         node, depth = stack.pop()
-        if isinstance(node, str):
-            if _SURROGATE.search(node):
+        if depth > _MAX_DEPTH:
+            raise _Reject(f"header is not valid JSON (nested deeper than {_MAX_DEPTH} levels)")
+        for child in (item for pair in node for item in pair) if isinstance(node, _Pairs) else node:
+            if isinstance(child, list):
+                stack.append((child, depth + 1))
+            elif strings and isinstance(child, str) and _SURROGATE.search(child):
                 raise _Reject("header is not valid JSON (lone UTF-16 surrogate in a string)")
-        elif isinstance(node, list):
-            if depth > _MAX_DEPTH:
-                raise _Reject(f"header is not valid JSON (nested deeper than {_MAX_DEPTH} levels)")
-            if isinstance(node, _Pairs):
-                stack.extend((item, depth + 1) for pair in node for item in pair)
-            else:
-                stack.extend((item, depth + 1) for item in node)
 
 
 # --- The header's fields, typed the way the library's structs type them ---------------------
@@ -292,10 +296,10 @@ def _entry(name: str, value: Any) -> TensorEntry:
                 if key in fields:
                     raise _Reject(f"entry has {key!r} twice", tensor=name)
                 fields[key] = item
-        missing = [f for f in _FIELDS if f not in fields]
-        if missing:
-            raise _Reject(f"entry has no {missing[0]!r}", tensor=name)
-        dtype, shape, offsets = (fields[f] for f in _FIELDS)
+        try:
+            dtype, shape, offsets = fields["dtype"], fields["shape"], fields["data_offsets"]
+        except KeyError as exc:
+            raise _Reject(f"entry has no {exc.args[0]!r}", tensor=name) from None
     elif isinstance(value, list):
         if len(value) != len(_FIELDS):
             raise _Reject(f"entry is an array of {len(value)} items, not [dtype, shape, data_offsets]", tensor=name)
@@ -342,8 +346,12 @@ def _json_type(value: Any) -> str:
 # --- Where the bytes are ---------------------------------------------------------------------
 
 
-def _check_layout(tensors: dict[str, TensorEntry], data_size: int) -> None:
-    """Sorted by offset, the entries tile ``[0, data_size)`` exactly, each its own size."""
+def _check_layout(tensors: dict[str, TensorEntry], data_size: int) -> list[tuple[str, TensorEntry]]:
+    """Sorted by offset, the entries tile ``[0, data_size)`` exactly, each its own size.
+
+    Returns:
+        The entries in offset order.
+    """
     ordered = sorted(tensors.items(), key=lambda kv: (kv[1].begin, kv[1].end))
     start = 0
     for name, (dtype, shape, begin, end) in ordered:
@@ -374,3 +382,4 @@ def _check_layout(tensors: dict[str, TensorEntry], data_size: int) -> None:
         raise _Reject("tensor data runs past the end of the file (truncated?)", tensor=first)
     if start < data_size:
         raise _Reject(f"{data_size - start} bytes after the last tensor's data are not described by the header")
+    return ordered
