@@ -1003,8 +1003,8 @@ from dora_analysis.console import run_main
 def body():
     import time
     from pathlib import Path
+    import pandas as pd
     from dora_analysis import outputs, report
-    from tests.test_hostile import _frames
 
     real = report.write_report
     def slow(*a, **k):
@@ -1013,7 +1013,10 @@ def body():
         time.sleep(float(sys.argv[2]))
         return out
     report.write_report = slow
-    outputs.write_outputs(Path(sys.argv[1]), *_frames())
+    layers = pd.DataFrame({"run": ["a"] * 3, "method": ["ft"] * 3, "step": [1] * 3, "module": ["l.0.q", "l.1.q", "l.2.q"],
+                           "layer": [0, 1, 2], "kind": ["q"] * 3, "delta_m": [1.0, 2.0, 3.0], "delta_d": [0.1, 0.3, 0.2]})
+    summary = pd.DataFrame({"run": ["a"], "method": ["ft"], "kind": ["all"], "n": [3], "pearson_r": [0.5]})
+    outputs.write_outputs(Path(sys.argv[1]), layers, summary, plots=False)
     return 0
 
 sys.exit(run_main("dora-analyze", body, standalone=True))
