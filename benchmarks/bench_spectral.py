@@ -4,7 +4,9 @@
    same update, 2048 x 2048, r = 8 and 64.
 2. ``analyze`` with ``--metrics spectrum,intruders,amplification`` on one LoRA run of N = 1 and
    N = 4 checkpoints: the base's SVD is shared, so N = 4 should cost little more than N = 1.
-3. The same analysis a second time with the result cache (``analyze(..., cache=DIR)``).
+3. The same analysis a second time with the cache (``analyze(..., cache=DIR)``): ``spectrum``
+   compares versions, so its results are recomputed, but the base SVD is read from
+   ``DIR/base`` instead of computed again.
 
     .venv/bin/python benchmarks/bench_spectral.py            # ~3-5 minutes on 2 busy cores
 
@@ -94,7 +96,7 @@ def bench_steps_and_cache() -> None:
         cache = Path(tmp) / "cache"
         first = timed(lambda: analyze(base, run, metrics=metrics, progress=False, cache=cache))
         second = timed(lambda: analyze(base, run, metrics=metrics, progress=False, cache=cache))
-        print(f"3. result cache, N = 4: first run {first:6.2f} s | second run {second:6.2f} s ({first / second:.0f}x faster)")
+        print(f"3. cache (base SVD stored), N = 4: first run {first:6.2f} s | second run {second:6.2f} s ({first / second:.0f}x faster)")
 
 
 def main() -> int:

@@ -9,6 +9,7 @@ columns come from the chosen metrics (:mod:`dora_analysis.metrics`).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -19,14 +20,14 @@ import torch
 
 from . import engine_ray  # noqa: F401 - registers the "ray" engine (Ray itself is imported only when used)
 from . import names as nm
-from .cache import ResultCache
+from .adapters.peft import ADAPTER_CONFIG
+from .cache import BASE_DIR, BaseCache, ResultCache
 from .containers import TensorStore, open_checkpoint
 from .decompose import Axis
 from .engine import ENGINES, PAIRS_KEY, ExecutionPolicy
 from .errors import InputError
 from .metrics import Metric, build_metrics, layer_columns
 from .plan import build_plan
-from .adapters.peft import ADAPTER_CONFIG
 from .runs import Run, open_run
 
 PathLike = str | os.PathLike[str]
@@ -129,7 +130,9 @@ def analyze(
             ``c_fc``) are stored, for a base whose config.json is missing; wins over any guess.
         cache: A folder of stored results (:mod:`dora_analysis.cache`, usually ``DIR/.cache``):
             jobs measured before are taken from it without reading their tensors, new ones
-            are added to it. None: compute everything.
+            are added to it; per-base-matrix work (the base SVD of ``intruders``) is kept in
+            its ``base/`` folder, so a second run over the same base skips it even when the
+            results are not cached. None: compute everything.
 
     Returns:
         The identity columns (``run``, ``method``, ``step``, ``module``, ``layer``, ``kind``),
@@ -160,6 +163,8 @@ def analyze(
     policy = policy or ExecutionPolicy()
     stored, cached = None, []
     if cache is not None:
+        # Per-base-matrix work (the spectral metrics' base SVD) is kept too, results cached or not.
+        policy = dataclasses.replace(policy, base_cache=BaseCache(Path(cache) / BASE_DIR, store.path))
         # Split before the engine runs: a cached job never reads its tuned tensor.
         stored = ResultCache(cache, store.path, chosen, _cache_context(torch.device(device), policy, reader_options))
         if stored.usable:

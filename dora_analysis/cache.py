@@ -21,21 +21,28 @@ What makes a stored result valid:
 
 Values are written as Python's shortest round-trip text (``repr`` of a float), and read back
 with ``float()``, so a cached number is bit for bit the number first computed.
+
+Beside the results, :class:`BaseCache` keeps per-base-matrix work (the spectral metrics' SVD
+of each base matrix) in ``DIR/.cache/base/``, one safetensors file per matrix, so a second
+run over the same base skips it, even when the results themselves cannot be cached.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 
 from .metrics import Column, Metric
+from .metrics.base import Memo, Tensors
 from .plan import Job, Task
 
 Record = dict[str, object]
@@ -242,3 +249,77 @@ class ResultCache:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+
+BASE_DIR = "base"
+
+
+class BaseCache:
+    """Per-base-matrix work kept between runs, in ``folder`` (usually ``DIR/.cache/base``).
+
+    A metric asks for it through :meth:`MatrixContext.remember
+    <dora_analysis.metrics.base.MatrixContext.remember>` with a label (what is computed, and
+    its version); the engine hands each task's context the :meth:`memo` of its matrix. One
+    safetensors file per (base :func:`identity`, tensor name, storage layout, device type,
+    torch version, label). A damaged or unreadable file is recomputed and rewritten, never
+    trusted; writes are atomic, so workers may share the folder. Tensors read back with the
+    values and the memory layout (row- or column-major) they were computed with, so a
+    cached SVD gives bit for bit the numbers a fresh one does.
+
+    Args:
+        folder: Where the files live; created on first write.
+        base_path: The base checkpoint's path; a base with no identity (in memory) is not cached.
+    """
+
+    def __init__(self, folder: str | os.PathLike[str], base_path: Path | None) -> None:
+        self.folder = Path(folder)
+        self.base_id = None if base_path is None else identity(base_path)
+
+    def memo(self, tensor: str, fan_in_fan_out: bool, device: torch.device) -> Memo | None:
+        """The memo of one base matrix on ``device`` (None when the base has no identity)."""
+        if self.base_id is None:
+            return None
+        return functools.partial(self._remember, tensor, fan_in_fan_out, torch.device(device))
+
+    def _file(self, tensor: str, fan_in_fan_out: bool, device: torch.device, label: str) -> Path:
+        key = json.dumps([self.base_id, tensor, fan_in_fan_out, device.type, torch.__version__, label])
+        return self.folder / f"{hashlib.sha256(key.encode()).hexdigest()[:40]}.safetensors"
+
+    def _remember(self, tensor: str, fan_in_fan_out: bool, device: torch.device, label: str, compute: Callable[[], Tensors]) -> Tensors:
+        file = self._file(tensor, fan_in_fan_out, device, label)
+        found = _read_tensors(file, device)
+        if found is not None:
+            return found
+        tensors = compute()
+        self._write(file, tensors, {"tensor": tensor, "label": label})
+        return tensors
+
+    def _write(self, file: Path, tensors: Tensors, metadata: dict[str, str]) -> None:
+        from safetensors.torch import save_file
+
+        # A column-major matrix (LAPACK's U) is stored as its transpose and read back as a view.
+        columns = sorted(k for k, t in tensors.items() if t.ndim == 2 and not t.is_contiguous() and t.T.is_contiguous())
+        stored = {k: (t.T if k in columns else t).detach().contiguous().cpu() for k, t in tensors.items()}
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{file.stem}.", suffix=".tmp", dir=self.folder)
+        os.close(fd)
+        try:
+            save_file(stored, tmp, metadata={**metadata, "column_major": ",".join(columns)})
+            os.replace(tmp, file)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def _read_tensors(file: Path, device: torch.device) -> Tensors | None:
+    """A :class:`BaseCache` file's tensors on ``device``, or None if absent or unreadable."""
+    from safetensors import safe_open
+
+    if not file.is_file():
+        return None
+    try:
+        with safe_open(str(file), framework="pt", device=str(device)) as fh:
+            columns = set(filter(None, (fh.metadata() or {}).get("column_major", "").split(",")))
+            return {k: fh.get_tensor(k).T if k in columns else fh.get_tensor(k) for k in fh.keys()}
+    except Exception:  # a damaged cache file is recomputed, whatever the reader raised
+        return None

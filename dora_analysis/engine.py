@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from tqdm import tqdm  # not tqdm.auto: it warns in notebooks without ipywidgets
@@ -21,6 +22,7 @@ from .containers import TensorStore
 from .decompose import DEFAULT_BLOCK_ELEMENTS
 from .errors import InputError
 from .metrics import MatrixContext, Metric
+from .metrics.base import Memo
 from .plan import Job, Task
 from .registry import Registry
 from .spectral import Change, LowRank, subspace_similarity
@@ -29,6 +31,12 @@ Record = dict[str, object]
 # The key of a task's first record under which execute_task returns the task's pair records
 # (subspace similarity between every two tuned versions of the matrix); analysis pops it.
 PAIRS_KEY = "_pairs"
+
+
+class BaseMemos(Protocol):
+    """Where per-base-matrix work is kept between runs (:class:`dora_analysis.cache.BaseCache`)."""
+
+    def memo(self, tensor: str, fan_in_fan_out: bool, device: torch.device) -> Memo | None: ...
 
 
 @dataclass(frozen=True)
@@ -43,10 +51,14 @@ class ExecutionPolicy:
             bf16: ~30 ms on one thread, 0.3-4 s on two). None leaves torch's setting alone.
         block_elements: float64 elements per block of blocked reductions, by device type.
             On the CPU 512 KB, small enough for a core's L2 cache.
+        base_cache: Where metrics may keep per-base-matrix work (the base SVD) between runs,
+            handed to each task's :class:`MatrixContext` as its ``memo``; None computes it
+            every time. ``analyze(..., cache=DIR)`` sets it to ``DIR/base``.
     """
 
     math_threads: int | None = 1
     block_elements: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_BLOCK_ELEMENTS))
+    base_cache: BaseMemos | None = None
 
     def block_for(self, device: torch.device) -> int:
         return self.block_elements.get(device.type, self.block_elements.get("cuda", DEFAULT_BLOCK_ELEMENTS["cuda"]))
@@ -83,7 +95,8 @@ def execute_task(
             file and tensor).
     """
     w0 = _as_weight(base.get(task.name), base.path, task.name).to(device)  # the one read of this base matrix
-    ctx = MatrixContext(name=task.name, fan_in_fan_out=task.fan_in_fan_out, block_elements=policy.block_for(device))
+    memo = None if policy.base_cache is None else policy.base_cache.memo(task.name, task.fan_in_fan_out, device)
+    ctx = MatrixContext(name=task.name, fan_in_fan_out=task.fan_in_fan_out, block_elements=policy.block_for(device), memo=memo)
     with _threads(policy, device):
         states = [m.prepare(w0, ctx) for m in metrics]
     wants_change = any(getattr(m, "uses_change", False) for m in metrics)

@@ -256,6 +256,20 @@ def decompose_base(base: torch.Tensor) -> SVD:
     return dense_svd(base, dtype=torch.float32)
 
 
+# What :func:`decompose_base` computes, as stored between runs (bump when its numbers change).
+BASE_SVD_LABEL = "base-svd-float32-v1"
+
+
+def svd_tensors(svd: SVD) -> dict[str, torch.Tensor]:
+    """An SVD as named tensors to store: ``U``, ``S`` and ``Vh`` (= V^T, as LAPACK returns it)."""
+    return {"U": svd.U, "S": svd.S, "Vh": svd.V.T}
+
+
+def svd_from_tensors(tensors: dict[str, torch.Tensor]) -> SVD:
+    """The inverse of :func:`svd_tensors`."""
+    return SVD(tensors["U"], tensors["S"], tensors["Vh"].T)
+
+
 def max_similarity(tuned_left: torch.Tensor, base_left: torch.Tensor) -> torch.Tensor:
     """For each column of ``tuned_left``, its largest |cos| with any column of ``base_left``.
 

@@ -3,6 +3,7 @@ float64 numpy computation as oracles, the base decomposed once per matrix, pairs
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -145,6 +146,40 @@ def test_base_decomposed_once_per_matrix_and_pairs_in_the_same_walk(
     got = one[one["module"] == module].set_index(["i", "j"])["phi"]
     for (i, j), value in got.items():
         assert value == pytest.approx(np.linalg.norm(ua[:, :i].T @ ub[:, :j]) ** 2 / min(i, j), abs=1e-9)
+
+
+def test_second_run_with_the_cache_does_not_decompose_the_base_again(
+    lora_run: tuple[Path, Path, torch.nn.Module], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base, run, _ = lora_run
+    calls: list[tuple[int, ...]] = []
+    real = sp.decompose_base
+    monkeypatch.setattr(sp, "decompose_base", lambda w: calls.append(tuple(w.shape)) or real(w))
+    metrics = ["md", "spectrum", "intruders"]  # spectrum compares versions: results are not cached
+    cache = tmp_path / "out" / ".cache"
+    first = analyze(base, run, modules=MODULE_RE, metrics=metrics, cache=cache)
+    n_matrices = first["module"].nunique()
+    assert len(calls) == n_matrices
+    stored = sorted((cache / "base").glob("*.safetensors"))
+    assert len(stored) == n_matrices  # one file per base matrix
+    second = analyze(base, run, modules=MODULE_RE, metrics=metrics, cache=cache)
+    assert len(calls) == n_matrices  # the second invocation decomposed nothing
+    fresh = analyze(base, run, modules=MODULE_RE, metrics=metrics)  # no cache at all
+    assert len(calls) == 2 * n_matrices
+    # The stored factors give bit for bit the numbers a fresh SVD gives.
+    pd.testing.assert_frame_equal(second, first, check_exact=True)
+    pd.testing.assert_frame_equal(fresh, first, check_exact=True)
+    pd.testing.assert_frame_equal(subspace_pairs(second), subspace_pairs(fresh), check_exact=True)
+    # A damaged file is recomputed (and rewritten), never trusted.
+    stored[0].write_bytes(b"not a safetensors file")
+    analyze(base, run, modules=MODULE_RE, metrics=metrics, cache=cache)
+    assert len(calls) == 2 * n_matrices + 1
+    # A re-saved base is another base: every matrix again.
+    weights = next(base.glob("*.safetensors"))
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    analyze(base, run, modules=MODULE_RE, metrics=metrics, cache=cache)
+    assert len(calls) == 3 * n_matrices + 1
 
 
 def test_md_numbers_do_not_change_with_spectral_metrics(lora_run: tuple[Path, Path, torch.nn.Module]) -> None:

@@ -9,7 +9,7 @@ from the metric's :class:`Column`, so a column is defined once.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
@@ -66,6 +66,11 @@ ID_COLUMNS: tuple[Column, ...] = (
 # The columns a summary row starts with: one row per run and matrix kind (plus kind "all").
 GROUP_COLUMNS: tuple[Column, ...] = (ID_COLUMNS[0], ID_COLUMNS[1], ID_COLUMNS[5])
 
+Tensors = dict[str, torch.Tensor]
+# ``memo(label, compute)``: ``compute()``'s tensors, or those stored under ``label`` for this
+# base matrix by an earlier run (:class:`dora_analysis.cache.BaseCache`).
+Memo = Callable[[str, Callable[[], Tensors]], Tensors]
+
 
 @dataclass(frozen=True)
 class MatrixContext:
@@ -76,11 +81,23 @@ class MatrixContext:
         fan_in_fan_out: The weight is stored ``[in, out]`` (GPT-2 ``Conv1D``, embeddings).
         block_elements: float64 elements per block for blocked reductions: an execution
             choice made by the code that runs the plan, passed down so the math stays pure.
+        memo: Where per-base-matrix results may be kept between runs (the engine's on-disk
+            cache of this base matrix), or None; metrics use it through :meth:`remember`.
     """
 
     name: str
     fan_in_fan_out: bool = False
     block_elements: int | None = None
+    memo: Memo | None = None
+
+    def remember(self, label: str, compute: Callable[[], Tensors]) -> Tensors:
+        """``compute()``, or what an earlier run stored under ``label`` for this base matrix.
+
+        ``label`` names what is computed and how (bump it when the numbers change); the
+        matrix's identity (base file, tensor, layout, device type) is the memo's business.
+        The metric stays pure: it never sees a file.
+        """
+        return compute() if self.memo is None else self.memo(label, compute)
 
 
 @runtime_checkable

@@ -91,7 +91,9 @@ class IntruderDimensions:
     def prepare(self, base: torch.Tensor, ctx: MatrixContext) -> BaseSpectrum:
         w0 = sp.as_matrix(base, fan_in_fan_out=ctx.fan_in_fan_out)
         sp.check_finite(w0, "base")
-        return BaseSpectrum(sp.decompose_base(w0), ctx.fan_in_fan_out)
+        # The one full SVD of the base matrix; kept between runs when the engine has a cache.
+        factors = ctx.remember(sp.BASE_SVD_LABEL, lambda: sp.svd_tensors(sp.decompose_base(w0)))
+        return BaseSpectrum(sp.svd_from_tensors(factors), ctx.fan_in_fan_out)
 
     def measure(self, state: BaseSpectrum, tuned: torch.Tensor, change: sp.Change | None = None) -> dict[str, object]:
         update = None if change is None else change.update
