@@ -9,8 +9,8 @@ Ctrl-C, SIGTERM), and no staging folder is left behind. How:
 1. :func:`check_out` refuses a destination that cannot work (a file, a parent that is a file,
    a read-only place, a name too long) before anything is computed.
 2. Everything is written to a staging folder on the destination's own file system: a hidden
-   sibling of the (symlink-resolved) destination, or, when the destination is a mount point
-   or its parent is not writable, a hidden folder inside it.
+   sibling of the (symlink-resolved) destination, or, when the destination is a mount point,
+   its parent is not writable or it holds the current directory, a hidden folder inside it.
 3. The switch: entries of the old folder that this module did not write (``.cache``,
    ``runs/``, a user's notes) are moved into the staging folder, then the two folders trade
    places in one ``renameat2(RENAME_EXCHANGE)``, atomic even for a reader watching the
@@ -130,7 +130,9 @@ def write_outputs(
     """
     out = check_out(out)
     dest = out.resolve() if out.is_symlink() else out.absolute()
-    inside = dest.is_dir() and (os.path.ismount(dest) or not _writable(dest.parent))
+    # The folder itself cannot trade places when it is a mount point, its parent is read-only,
+    # or a shell may be standing in it (the current directory or below): swap entries instead.
+    inside = dest.is_dir() and (os.path.ismount(dest) or not _writable(dest.parent) or _holds_cwd(dest))
     home = dest if inside else dest.parent
     home.mkdir(parents=True, exist_ok=True)
     with deferred_signals():
@@ -166,6 +168,14 @@ def _write_all(staging: Path, layers: pd.DataFrame, summary: pd.DataFrame, **rep
     records = json.loads(summary.to_json(orient="records"))
     (staging / "summary.json").write_text(json.dumps({"runs": records}, indent=2) + "\n")
     write_report(staging, layers, summary, **report)  # type: ignore[arg-type]
+
+
+def _holds_cwd(folder: Path) -> bool:
+    try:
+        cwd = Path.cwd().resolve()
+    except OSError:
+        return False
+    return cwd == folder.resolve() or folder.resolve() in cwd.parents
 
 
 def _writable(folder: Path) -> bool:

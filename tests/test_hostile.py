@@ -933,6 +933,20 @@ def test_inside_a_folder_that_cannot_be_renamed(tmp_path: Path, monkeypatch: pyt
     assert "old" not in (out / "layers.csv").read_text()
 
 
+def test_out_holding_the_current_directory_keeps_its_inode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--out .`: the folder a shell stands in is updated in place, never renamed away from under it."""
+    from dora_analysis.outputs import write_outputs
+
+    out = tmp_path / "here"
+    out.mkdir()
+    (out / "layers.csv").write_text("old\n")
+    inode = out.stat().st_ino
+    monkeypatch.chdir(out)
+    write_outputs(Path("."), *_frames(), plots=False)
+    assert out.stat().st_ino == inode and Path.cwd() == out
+    assert "l.2.q" in (out / "layers.csv").read_text() and not _leftovers(tmp_path)
+
+
 def test_failed_switch_rolls_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from dora_analysis import outputs
 
