@@ -8,10 +8,14 @@ the same matrix moving across checkpoints (*within*: dM and dD both grow with tr
 this part tends to be positive for every method) and differences between matrices (*between*:
 the per-matrix means). :func:`within_between` reports both, and :func:`bootstrap_r` gives an
 interval for r by resampling whole matrices (points of one matrix are not independent).
+With 6 matrices that interval is coarse and can sit off-centre from r;
+:func:`permutation_r` is a test that stays exact with few matrices (opt-in: the summary's
+columns do not include it; :func:`dora_analysis.summary.permutation_summary` reports it).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import asdict, dataclass
 
@@ -141,6 +145,53 @@ def bootstrap_r(
     tail = (1 - level) / 2 * 100
     lo, hi = np.nanpercentile(rs, [tail, 100 - tail])
     return float(lo), float(hi)
+
+
+# Up to this many groups, every permutation is enumerated (8! = 40320); above, random ones.
+EXACT_GROUPS = 8
+
+
+def permutation_r(x: ArrayLike, y: ArrayLike, groups: ArrayLike, *, n_perm: int = 10_000, seed: int = 0) -> float:
+    """Two-sided p-value of the pooled Pearson r, permuting whole groups (matrices).
+
+    Each group is one matrix followed across checkpoints, its points in order (checkpoint
+    1, 2, ...). Under the null hypothesis that a matrix's dM trajectory is unrelated to
+    *which* matrix's dD trajectory it is paired with, every pairing of the groups' dM
+    sequences with their dD sequences is equally likely. The test recomputes r for each
+    pairing, keeping each sequence whole and aligned by position, so the dependence between
+    the checkpoints of one matrix, and the growth over training that every matrix shares,
+    are kept. With g groups there are g! pairings: all are enumerated up to
+    :data:`EXACT_GROUPS` groups (6 matrices: 720, so the smallest possible p is 1/720), and
+    ``n_perm`` random ones above that. Valid with few groups, unlike a bootstrap that
+    resamples them.
+
+    Returns:
+        The share of pairings whose |r| is at least the observed |r| (the identity pairing
+        included); NaN with fewer than 3 groups, groups of unequal size, or r undefined.
+    """
+    xa, ya, ga = _clean(x, y, groups)
+    labels, inverse = np.unique(ga, return_inverse=True)
+    n_groups = len(labels)
+    if n_groups < 3 or _degenerate(xa, ya):
+        return math.nan
+    members = [np.flatnonzero(inverse == g) for g in range(n_groups)]  # each in its original order
+    if len({len(m) for m in members}) != 1:
+        return math.nan
+    bx = np.stack([xa[m] for m in members])  # [group, position]
+    by = np.stack([ya[m] for m in members])
+    observed = abs(np.corrcoef(bx.ravel(), by.ravel())[0, 1])
+    if n_groups <= EXACT_GROUPS:
+        orders = np.array(list(itertools.permutations(range(n_groups))))
+    else:
+        rng = np.random.default_rng(seed)
+        orders = np.vstack([np.arange(n_groups), [rng.permutation(n_groups) for _ in range(n_perm)]])
+    # r of every pairing at once: x fixed, y's groups reordered; the sums of x, y, x^2, y^2 do
+    # not change, only sum(x * y).
+    xc, yc = bx - bx.mean(), by - by.mean()
+    cross = xc @ yc.T  # [group of x, group of y]: sum over positions of x * y
+    sxy = cross[np.arange(n_groups), orders].sum(axis=1)
+    rs = sxy / math.sqrt(float((xc**2).sum()) * float((yc**2).sum()))
+    return float(np.mean(np.abs(rs) >= observed * (1 - 1e-12)))
 
 
 @dataclass(frozen=True)

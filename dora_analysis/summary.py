@@ -2,7 +2,9 @@
 
 :func:`summarize` gives one row per run and matrix kind (plus a pooled ``all`` row per run),
 its columns collected from the metrics that made the table (each metric's ``summarize``
-hook); :func:`magnitude_direction` says whether the vectors grew or shrank.
+hook); :func:`magnitude_direction` says whether the vectors grew or shrank;
+:func:`permutation_summary` adds a test of r that stays exact with few matrices (opt-in, so
+that the default summary's columns do not change).
 """
 
 from __future__ import annotations
@@ -76,3 +78,39 @@ def magnitude_direction(df: pd.DataFrame) -> pd.DataFrame:
     return out.reset_index()
 
 
+def permutation_summary(df: pd.DataFrame, *, n_perm: int = 10_000, seed: int = 0) -> pd.DataFrame:
+    """The pooled r of dM against dD per run and matrix kind (and ``all``), with a
+    permutation test over matrices (:func:`dora_analysis.stats.permutation_r`).
+
+    Opt-in, beside :func:`summarize` (whose columns, and ``summary.csv``, it leaves as they
+    are): the cluster bootstrap there resamples only as many matrices as there are (6 for
+    figure 2), so its interval is coarse and can sit off-centre from r; the permutation test
+    enumerates every pairing of the matrices' dD and dM trajectories, exact for few matrices.
+
+    Args:
+        df: The analyzer's frame with ``delta_d`` and ``delta_m``, each matrix's rows at the
+            same checkpoints.
+        n_perm: Random pairings when there are more than
+            :data:`~dora_analysis.stats.EXACT_GROUPS` matrices (else all are enumerated).
+        seed: Seed of those random pairings.
+
+    Returns:
+        One row per (run, kind), then (run, ``all``): ``run``, ``method``, ``kind``,
+        ``n_matrices``, ``pearson_r`` and ``r_perm_p`` (two-sided).
+
+    Example:
+        >>> permutation_summary(analyze(base, runs)).query("kind == 'all'")
+    """
+    from .stats import pearson, permutation_r
+
+    rows: list[dict[str, object]] = []
+    for run, part in df.groupby("run", sort=False):
+        groups = [*part.groupby("kind", sort=True), ("all", part)]
+        for kind, sub in groups:
+            sub = sub.sort_values("step", kind="stable")  # each matrix's points in checkpoint order
+            rows.append({
+                "run": run, "method": part["method"].iloc[0], "kind": kind, "n_matrices": sub["module"].nunique(),
+                "pearson_r": pearson(sub["delta_d"], sub["delta_m"])[0],
+                "r_perm_p": permutation_r(sub["delta_d"], sub["delta_m"], sub["module"], n_perm=n_perm, seed=seed),
+            })  # fmt: skip
+    return pd.DataFrame(rows, columns=["run", "method", "kind", "n_matrices", "pearson_r", "r_perm_p"])
