@@ -164,15 +164,19 @@ def case(id: str, code: int, message: str = "", names: str = "", check=None, com
 
 # --- 1. never silently wrong: quantized and integer weights ------------------------------------
 #
-# bitsandbytes LLM.int8() as its source writes it (bitsandbytes 0.50, _ops.py and
-# backends/default/ops.py): SCB = absmax of each row, CB = round(W * 127 / SCB) as int8,
-# and W = CB * SCB / 127. The same state dict comes out of Linear8bitLt.state_dict():
-# weight (int8), SCB (float32, one per row), weight_format (uint8, 0 = row).
+# bitsandbytes LLM.int8() as its source writes it (bitsandbytes 0.50): Int8Params._quantize
+# casts the weight to float16 (nn/modules.py), int8_vectorwise_quant takes SCB = absmax of
+# each row and CB = round(W * (127 / SCB)) (backends/default/ops.py), and dequantization is
+# CB * SCB * (1/127) (_ops.py). Linear8bitLt.state_dict() holds weight (int8), SCB (float32,
+# one per row) and weight_format (uint8, 0 = row). test_int8_matches_bitsandbytes_itself
+# checks this against the library where it is installed (`pip install bitsandbytes`: 0.50.2
+# installs and runs on CPU).
 
 
 def bnb_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    scb = w.abs().amax(dim=1).float()
-    codes = torch.round(w.float() * 127 / scb.view(-1, 1)).clamp(-127, 127).to(torch.int8)
+    half = w.to(torch.float16)
+    scb = half.abs().amax(dim=1).float()
+    codes = torch.round(half * (127.0 / scb.unsqueeze(-1))).to(torch.int8)
     return codes, scb
 
 
@@ -1004,7 +1008,8 @@ def test_int8_matches_bitsandbytes_itself(tmp_path: Path) -> None:
     got = open_checkpoint(tmp_path / "m.safetensors").get("model.layers.0.q.weight")
     codes, scb = state["model.layers.0.q.weight"], state["model.layers.0.q.SCB"]
     assert torch.equal(got, bnb.functional.int8_vectorwise_dequant(codes, scb))
-    assert np.allclose(f64(got), bnb_dequant(codes, scb), rtol=1e-6) and torch.equal((codes, scb)[0], bnb_int8(w)[0])
+    assert np.allclose(f64(got), bnb_dequant(codes, scb), rtol=1e-6)
+    assert all(torch.equal(mine, theirs) for mine, theirs in zip(bnb_int8(w), (codes, scb), strict=True))  # the corpus's quantizer
 
 
 # --- signals and exit hooks: real processes -------------------------------------------------------------
