@@ -54,11 +54,25 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, seeds: tuple[int, ...] | None) -> int:
-    from ..experiments.reproduction import format_comparison, reproduce
+    from ..experiments.reproduction import (
+        SIGNS_FILE,
+        SPECTRAL_DIR,
+        format_comparison,
+        format_intruders,
+        format_sign_table,
+        intruder_table,
+        reproduce,
+    )
 
     t0 = time.perf_counter()
     result = reproduce(args.out, seeds=seeds, plots=not args.no_plots, progress=not args.quiet)
     print(format_comparison(result.summary))
+    if result.signs is not None:
+        print(f"\nSigns over seeds (permutation test over the 6 matrices: {result.out / SIGNS_FILE})")
+        print(format_sign_table(result.signs))
+    if result.spectral is not None:
+        print(f"\nIntruder dimensions (top 10, eps 0.5) and dW's spectrum at the last checkpoint: {result.out / SPECTRAL_DIR}/")
+        print(format_intruders(intruder_table(result.spectral)))
     print(f"\n{len(result.layers)} points; report: {result.out / 'report.md'}; figure: {result.out / 'figures'}/ "
           f"({time.perf_counter() - t0:.0f} s)")  # fmt: skip
     for line in result.failures:

@@ -111,6 +111,12 @@ class Reproduction:
     summary: pd.DataFrame
     failures: list[str]
     out: Path
+    spectral: pd.DataFrame | None = None
+    signs: pd.DataFrame | None = None
+    # Per run: the pooled r, its permutation p over matrices, and whether it has the paper's
+    # sign (:func:`sign_table`); written to ``out/signs.csv``.
+    # The same runs, matrices and checkpoints through the spectral metrics (``spectrum``,
+    # ``intruders``): written to ``out/spectral/``, beside (not into) figure 2's files.
 
 
 def run_name(method: str, seed: int) -> str:
@@ -134,6 +140,88 @@ def train_runs(ref: Reference, out: Path, seeds: tuple[int, ...], *, progress: b
                 print(f"{run_name(method, seed)}: {how} in {time.perf_counter() - t0:.0f} s, final loss {result.final_loss:.3f}", file=sys.stderr)
             runs.append(run_dir)
     return runs
+
+
+# The second finding checked on the same runs (Shuttleworth et al. 2024): intruder dimensions
+# and the spectrum of dW. No extra training; written to ``out/spectral/`` so that figure 2's
+# layers.csv and summary.csv stay exactly as they were.
+SPECTRAL_METRICS: tuple[str, ...] = ("spectrum", "intruders")
+SPECTRAL_DIR = "spectral"
+
+
+def intruder_table(spectral: pd.DataFrame) -> pd.DataFrame:
+    """Per run, at its last checkpoint: the mean intruder count per matrix, the share of
+    matrices with one or more, the smallest similarity, and dW's mean stable and effective rank.
+
+    Args:
+        spectral: :func:`~dora_analysis.analyze`'s frame with the ``spectrum`` and
+            ``intruders`` columns.
+
+    Returns:
+        One row per run, in the frame's order: ``run``, ``method``, ``step``, ``intruders``,
+        ``with_intruders``, ``min_sim``, ``stable_rank``, ``effective_rank``.
+    """
+    last = spectral[spectral["step"] == spectral.groupby("run")["step"].transform("max")]
+    grouped = last.groupby(["run", "method"], sort=False)
+    table = grouped.agg(
+        step=("step", "max"),
+        intruders=("intruders", "mean"),
+        with_intruders=("intruders", lambda c: float((c > 0).mean())),
+        min_sim=("intruder_min_sim", "min"),
+        stable_rank=("dw_stable_rank", "mean"),
+        effective_rank=("dw_effective_rank", "mean"),
+    )
+    return table.reset_index()
+
+
+def format_intruders(table: pd.DataFrame) -> str:
+    """:func:`intruder_table` as plain text, one line per run."""
+    lines = [f"{'run':12s} {'intruders/matrix':>16s} {'with any':>9s} {'min sim':>8s} {'dW stable rank':>15s} {'effective rank':>15s}"]
+    for row in table.itertuples():
+        lines.append(
+            f"{row.run:12s} {row.intruders:16.2f} {row.with_intruders:9.0%} {row.min_sim:8.3f} {row.stable_rank:15.2f} {row.effective_rank:15.1f}"
+        )
+    return "\n".join(lines)
+
+
+SIGNS_FILE = "signs.csv"
+# A run's sign counts as "clear" when the permutation test over its 6 matrices rejects r = 0 at this level.
+SIGN_LEVEL = 0.05
+
+
+def sign_table(layers: pd.DataFrame) -> pd.DataFrame:
+    """Per run: the pooled r of dM against dD, the permutation p over matrices
+    (:func:`dora_analysis.summary.permutation_summary`: every pairing of the 6 matrices'
+    trajectories, exact), and whether r has the paper's sign, and does so with p < 0.05.
+
+    Returns:
+        ``run``, ``method``, ``seed``, ``pearson_r``, ``r_perm_p``, ``paper_sign``, ``clear``.
+    """
+    import pandas as pd
+
+    from ..stats import has_sign
+    from ..summary import permutation_summary
+
+    pooled = permutation_summary(layers).query("kind == 'all'").reset_index(drop=True)
+    seeds = pooled["run"].str.extract(r"seed(\d+)$", expand=False)
+    paper_sign = [has_sign(r, EXPECTED_SIGN.get(str(m), 0)) for r, m in zip(pooled["pearson_r"], pooled["method"], strict=True)]
+    return pooled.assign(
+        seed=pd.to_numeric(seeds, errors="coerce").astype("Int64"),
+        paper_sign=paper_sign,
+        clear=[ok and p < SIGN_LEVEL for ok, p in zip(paper_sign, pooled["r_perm_p"], strict=True)],
+    )[["run", "method", "seed", "pearson_r", "r_perm_p", "paper_sign", "clear"]]
+
+
+def format_sign_table(signs: pd.DataFrame) -> str:
+    """Per method: in how many seeds r has the paper's sign, and with permutation p < 0.05."""
+    lines = [f"{'method':8s} {'paper':>6s} {'seeds with the sign':>20s} {'and p < 0.05':>13s}  r per seed"]
+    for method, rows in signs.groupby("method", sort=False):
+        n = len(rows)
+        rs = " ".join(f"{r:+.2f}" for r in rows["pearson_r"])
+        lines.append(
+            f"{method:8s} {PAPER_R.get(str(method), math.nan):+6.2f} {f'{int(rows.paper_sign.sum())} / {n}':>20s} {f'{int(rows.clear.sum())} / {n}':>13s}  {rs}"
+        )
+    return "\n".join(lines)
 
 
 def sign_failures(summary: pd.DataFrame, expected: dict[str, int] = EXPECTED_SIGN) -> list[str]:
@@ -161,7 +249,9 @@ def reproduce(
 
     Args:
         out: Output folder: ``runs/`` (the trained runs), ``layers.csv``, ``summary.csv``,
-            ``summary.json``, ``figures/``, ``report.md``, ``report.html``.
+            ``summary.json``, ``figures/``, ``report.md``, ``report.html``; and
+            ``spectral/`` with the same files for :data:`SPECTRAL_METRICS` (and ``pairs.csv``);
+            ``signs.csv`` (:func:`sign_table`).
         seeds: Seeds to run (default: ``ref.seeds``).
         ref: The configuration (default: :data:`REFERENCE`).
         plots: Draw figures.
@@ -183,7 +273,18 @@ def reproduce(
         out, layers, summary, plots=plots, paper=PAPER_R,
         title="DoRA figure 2, reproduced: all-MiniLM-L6-v2 on the built-in task",
     )  # fmt: skip
-    return Reproduction(layers=layers, summary=summary, failures=sign_failures(summary), out=out)
+    # The same matrices and checkpoints through the spectral metrics, in a folder of their own.
+    spectral = analyze(
+        ref.model or default_model_path(), run_dirs, modules=ref.modules, steps=ref.snapshots,
+        metrics=list(SPECTRAL_METRICS), progress=progress,
+    )  # fmt: skip
+    write_outputs(
+        out / SPECTRAL_DIR, spectral, summarize(spectral), plots=plots,
+        title="Intruder dimensions and the spectrum of dW: the reproduction's FT / LoRA / DoRA runs",
+    )  # fmt: skip
+    signs = sign_table(layers)
+    signs.to_csv(out / SIGNS_FILE, index=False)
+    return Reproduction(layers=layers, summary=summary, failures=sign_failures(summary), out=out, spectral=spectral, signs=signs)
 
 
 def format_comparison(summary: pd.DataFrame, paper: dict[str, float] = PAPER_R) -> str:
