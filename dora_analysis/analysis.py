@@ -160,6 +160,7 @@ def analyze(
         what = f"--modules {modules!r}" if modules else "the default selection (2-D weights inside numbered blocks)"
         raise InputError(f"no tensor matches {what}", path=store.path, hint="list names with `dora-analyze --list BASE`")
     plan = build_plan(store, runs, selected, layout=layout)
+    modules = [task.module for task in plan]  # reading order, whatever the cache spares
     policy = policy or ExecutionPolicy()
     stored, cached = None, []
     if cache is not None:
@@ -174,7 +175,7 @@ def analyze(
     records = run(plan, store, chosen, device=torch.device(device), policy=policy, progress=progress, **options) if plan else []
     if stored is not None and stored.usable:
         stored.save(plan, records)
-    return _table([*cached, *records], runs, chosen)
+    return _table([*cached, *records], runs, modules, chosen)
 
 
 def _cache_context(device: torch.device, policy: ExecutionPolicy, reader_options: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -190,7 +191,7 @@ def select_modules(shapes: Mapping[str, tuple[int, ...]], modules: str | None, *
         raise InputError(f"--modules {exc}", hint="it is a Python regex: escape dots as \\.") from None
 
 
-def _table(records: list[dict[str, object]], runs: list[Run], metrics: Sequence[Metric]) -> pd.DataFrame:
+def _table(records: list[dict[str, object]], runs: list[Run], modules: list[str], metrics: Sequence[Metric]) -> pd.DataFrame:
     """The records as the analyzer's DataFrame: identity columns filled in, rows in reading order.
 
     The subspace similarities between tuned versions that the engine returns with a task's
@@ -204,7 +205,7 @@ def _table(records: list[dict[str, object]], runs: list[Run], metrics: Sequence[
     df["layer"] = df["module"].map(nm.layer_index).astype("Int64")
     # Records arrive matrix-major (the streaming order); present them run, step, module.
     run_order = {run.name: i for i, run in enumerate(runs)}
-    module_order = {m: i for i, m in enumerate(df["module"].unique())}
+    module_order = {m: i for i, m in enumerate(modules)}
     df = df.assign(_r=df["run"].map(run_order), _m=df["module"].map(module_order))
     df = df.sort_values(["_r", "step", "_m"], kind="stable")
     df = df[[c.name for c in layer_columns(metrics)]].reset_index(drop=True)

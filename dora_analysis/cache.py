@@ -34,7 +34,9 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +58,41 @@ _NOT_WEIGHTS = ("optimizer", "scheduler", "rng_state", "training_args", "trainer
 # JSON files up to this size are hashed whole (configs, shard indexes); larger ones by size and time.
 _SMALL_JSON = 1 << 20
 _MAX_HEADER = 100_000_000
+
+
+# Cache writes held back by :func:`held_writes`; None writes at once.
+_PENDING: ContextVar[list[Callable[[], None]] | None] = ContextVar("held cache writes", default=None)
+
+
+@contextmanager
+def held_writes() -> Iterator[Callable[[], None]]:
+    """Hold every cache write made inside the block until the yielded ``commit()`` is called.
+
+    The cache lives inside the output folder, which is written all or nothing: a command
+    analyses, writes its outputs, and only then commits the new cache entries, so a run that
+    fails or is interrupted leaves the folder (cache included) as it found it. Writes not
+    committed when the block ends are dropped.
+    """
+    pending: list[Callable[[], None]] = []
+    token = _PENDING.set(pending)
+
+    def commit() -> None:
+        while pending:
+            pending.pop(0)()
+
+    try:
+        yield commit
+    finally:
+        _PENDING.reset(token)
+
+
+def _later(write: Callable[[], None]) -> None:
+    """Run ``write`` now, or when the enclosing :func:`held_writes` block commits."""
+    pending = _PENDING.get()
+    if pending is None:
+        write()
+    else:
+        pending.append(write)
 
 
 def _matters(path: Path) -> bool:
@@ -234,7 +271,7 @@ class ResultCache:
                 self._table(file)[task.name] = row
                 changed[file] = metric.columns
         for file, columns in sorted(changed.items()):
-            self._write(file, columns)
+            _later(functools.partial(self._write, file, columns))
 
     def _write(self, file: Path, columns: Sequence[Column]) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -291,7 +328,7 @@ class BaseCache:
         if found is not None:
             return found
         tensors = compute()
-        self._write(file, tensors, {"tensor": tensor, "label": label})
+        _later(functools.partial(self._write, file, tensors, {"tensor": tensor, "label": label}))
         return tensors
 
     def _write(self, file: Path, tensors: Tensors, metadata: dict[str, str]) -> None:
