@@ -134,7 +134,13 @@ def watch(
         if not folder.is_dir():
             raise InputError("--watch needs run folders that exist", path=folder, hint="create the run folder, or start training first")
     store = base if isinstance(base, TensorStore) else open_checkpoint(base)
+    # A run handed to analyze as a Run keeps its own label, and its steps are filtered there:
+    # the method label is applied here, and only wanted steps are opened, so that a run whose
+    # wanted checkpoints are not written yet waits instead of failing the pass.
+    method = options.pop("method", None)
+    wanted = None if options.get("steps") is None else set(options["steps"])
     opened: dict[Path, dict[Path, tuple[int, Snapshot]]] = {f: {} for f in folders}
+    reached = dict.fromkeys(folders, -1)  # the latest complete step of each run, wanted or not
     layers: pd.DataFrame | None = None
     stop = _Stop()
     with stop.installed():
@@ -142,11 +148,12 @@ def watch(
             new = False
             for folder in folders:
                 for step, path in complete_checkpoints(folder):
-                    if path not in opened[folder]:
+                    reached[folder] = max(reached[folder], step)
+                    if path not in opened[folder] and (wanted is None or step in wanted):
                         opened[folder][path] = (step, open_snapshot(path, reader_options=reader_options))
                         new = True
             if new and all(opened.values()):
-                runs = [_run(folder, opened[folder]) for folder in folders]
+                runs = [_run(folder, opened[folder], method) for folder in folders]
                 layers = analyze(
                     store, runs, reader_options=reader_options, cache=out / ".cache" if cache else None, progress=False, **options
                 )
@@ -154,11 +161,7 @@ def watch(
                 write_outputs(out, layers, summary, fmt=fmt, plots=plots)
                 if on_update is not None:
                     on_update(layers, summary)
-            if (
-                until_step is not None
-                and all(opened.values())
-                and all(max(s for s, _ in opened[f].values()) >= until_step for f in folders)
-            ):
+            if until_step is not None and all(step >= until_step for step in reached.values()):
                 return layers
             if stop.requested:
                 return layers
@@ -167,12 +170,12 @@ def watch(
                 return layers
 
 
-def _run(folder: Path, snapshots: Mapping[Path, tuple[int, Snapshot]]) -> Run:
+def _run(folder: Path, snapshots: Mapping[Path, tuple[int, Snapshot]], method: str | None = None) -> Run:
     """A run of the complete checkpoints found so far, as :func:`~dora_analysis.runs.open_run` makes it."""
     steps = sorted(snapshots.values(), key=lambda t: t[0])
     if len({s for s, _ in steps}) != len(steps):
         raise InputError("two checkpoints report the same step", path=folder, hint="check trainer_state.json global_step")
     methods = {snap.method for _, snap in steps}
-    if len(methods) > 1:
+    if method is None and len(methods) > 1:
         raise InputError(f"run mixes methods {sorted(methods)}", path=folder)
-    return Run(name=folder.name, path=folder, steps=steps, method=methods.pop())
+    return Run(name=folder.name, path=folder, steps=steps, method=method or methods.pop())

@@ -9,6 +9,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -128,3 +129,27 @@ def test_ctrl_c_stops_cleanly_with_outputs_intact(tiny_bert: tuple[Path, dict], 
     assert layers is not None
     assert (out / "layers.csv").read_text() == da.analyze(base, run, modules=MODULES).to_csv(index=False)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is restored
+
+
+def test_cli_watch_analyses_with_the_same_settings_as_the_one_shot_command(tiny_bert: tuple[Path, dict], tmp_path: Path) -> None:
+    """Every analysis option reaches the watched analysis: its layers.csv is the one-shot command's."""
+    base, state = tiny_bert
+    run = tmp_path / "run"
+    for i, step in enumerate(STEPS):
+        folder = run / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        g = torch.Generator().manual_seed(step)
+        tuned = {k: (v + 0.01 * (i + 1) * torch.randn(v.shape, generator=g)).contiguous() for k, v in state.items()}
+        (folder / "model.safetensors").write_bytes(save(tuned))
+        write_trainer_state(folder, step)
+    options = [
+        "--modules", MODULES, "--axis", "in", "--metrics", "md,spectrum", "--rank", "2", "--method", "mine",
+        "--steps", "10,30", "--layout", "linear", "--engine", "serial", "--no-plots", "--quiet",
+    ]  # fmt: skip
+    assert main([str(base), str(run), "--out", str(tmp_path / "once"), *options]) == 0
+    assert main([str(base), str(run), "--out", str(tmp_path / "watched"), "--watch", "--until-step", "30", "--poll", "0.05", *options]) == 0
+    once = pd.read_csv(tmp_path / "once" / "layers.csv")
+    assert set(once["method"]) == {"mine"} and sorted(once["step"].unique()) == [10, 30] and "dw_stable_rank" in once.columns
+    default = da.analyze(base, run, modules=MODULES, steps=[10, 30])
+    assert not np.allclose(once["delta_d"], default["delta_d"])  # --axis in was applied: the one-shot side is not the default
+    assert (tmp_path / "watched" / "layers.csv").read_text() == (tmp_path / "once" / "layers.csv").read_text()

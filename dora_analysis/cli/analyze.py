@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..console import run_main
 
@@ -252,21 +252,9 @@ def _run(args: argparse.Namespace) -> int:
     layers = analyze(
         base,
         tuned,
-        modules=args.modules,
-        all_modules=args.all_modules,
-        method=args.method,
-        axis=args.axis,
-        steps=_parse_steps(args.steps),
-        last=args.last,
-        device=args.device,
-        metrics=[m.strip() for m in args.metrics.split(",") if m.strip()],
-        metric_options={"intruder_k": args.intruder_k, "intruder_eps": args.intruder_eps, "rank": args.rank},
-        reader_options={} if args.dora_scale_axis is None else {"dora_axis": args.dora_scale_axis},
-        layout=args.layout,
         progress=False if args.quiet else None,
         cache=None if args.out is None or args.no_cache else args.out / ".cache",
-        engine=args.engine,
-        engine_options=_engine_options(args),
+        **_analyze_options(args),
     )
     summary = summarize(layers)
     _note_undefined_direction(layers)
@@ -297,6 +285,29 @@ def _note_undefined_direction(layers: pd.DataFrame) -> None:
         )
 
 
+def _analyze_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings of :func:`dora_analysis.analyze` that the one-shot and the ``--watch`` paths share.
+
+    Built once, so a watched analysis measures exactly what the one-shot command would;
+    only the progress bar and the cache (a folder here, a switch for ``watch``) differ.
+    """
+    return {
+        "modules": args.modules,
+        "all_modules": args.all_modules,
+        "method": args.method,
+        "axis": args.axis,
+        "steps": _parse_steps(args.steps),
+        "last": args.last,
+        "device": args.device,
+        "metrics": [m.strip() for m in args.metrics.split(",") if m.strip()],
+        "metric_options": {"intruder_k": args.intruder_k, "intruder_eps": args.intruder_eps, "rank": args.rank},
+        "reader_options": {} if args.dora_scale_axis is None else {"dora_axis": args.dora_scale_axis},
+        "layout": args.layout,
+        "engine": args.engine,
+        "engine_options": _engine_options(args),
+    }
+
+
 def _engine_options(args: argparse.Namespace) -> dict[str, object]:
     """``--address`` / ``--workers`` for the engine; they mean nothing to the serial one."""
     from ..errors import InputError
@@ -309,8 +320,6 @@ def _engine_options(args: argparse.Namespace) -> dict[str, object]:
 
 def _watch(args: argparse.Namespace, base: Path, tuned: list[Path]) -> int:
     """``--watch``: analyse each checkpoint once it is complete, rewriting --out after each."""
-    import pandas as pd
-
     from ..errors import InputError
     from ..watch import watch
 
@@ -334,15 +343,7 @@ def _watch(args: argparse.Namespace, base: Path, tuned: list[Path]) -> int:
         plots=not args.no_plots,
         fmt=args.format,
         on_update=report,
-        reader_options={} if args.dora_scale_axis is None else {"dora_axis": args.dora_scale_axis},
-        modules=args.modules,
-        all_modules=args.all_modules,
-        method=args.method,
-        axis=args.axis,
-        steps=_parse_steps(args.steps),
-        last=args.last,
-        device=args.device,
-        metrics=[m.strip() for m in args.metrics.split(",") if m.strip()],
+        **_analyze_options(args),
     )
     return 0
 
