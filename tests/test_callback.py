@@ -60,6 +60,37 @@ def _train(out: Path, method: str, callback: DecompositionCallback | None, base:
     return trainer
 
 
+class _Guarded(DecompositionCallback):
+    """The callback, checking around each of its events that the model's tensors and torch's RNG are untouched."""
+
+    events: list[str]
+
+    def _guard(self, event: str, args: object, state: object, control: object, **kwargs: object) -> None:
+        model = kwargs["model"]
+        assert isinstance(model, torch.nn.Module)
+        before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        rng = torch.get_rng_state()
+        getattr(DecompositionCallback, event)(self, args, state, control, **kwargs)
+        assert torch.equal(torch.get_rng_state(), rng), event
+        after = model.state_dict()
+        assert after.keys() == before.keys(), event
+        for k, v in before.items():
+            assert torch.equal(after[k], v), (event, k)
+        self.events = [*getattr(self, "events", []), event]
+
+    def on_train_begin(self, *args: object, **kwargs: object) -> None:
+        self._guard("on_train_begin", *args, **kwargs)
+
+    def on_step_end(self, *args: object, **kwargs: object) -> None:
+        self._guard("on_step_end", *args, **kwargs)
+
+    def on_save(self, *args: object, **kwargs: object) -> None:
+        self._guard("on_save", *args, **kwargs)
+
+    def on_train_end(self, *args: object, **kwargs: object) -> None:
+        self._guard("on_train_end", *args, **kwargs)
+
+
 def _logits(model: torch.nn.Module) -> torch.Tensor:
     model.eval()
     with torch.no_grad():
@@ -70,7 +101,10 @@ def _logits(model: torch.nn.Module) -> torch.Tensor:
 @pytest.mark.parametrize("method", ["ft", "dora"])
 def test_callback_equals_dora_analyze_and_leaves_training_unchanged(tmp_path: Path, method: str) -> None:
     base, run = tmp_path / "base", tmp_path / "run"
-    trainer = _train(run, method, DecompositionCallback(), base=base)
+    # The figure is the same code for every method and costs most of a run: drawn for one.
+    # ft measures from on_step_end (every_n_steps, at the save steps), dora from on_save.
+    callback = _Guarded(figures=method == "dora", every_n_steps=SAVE_EVERY if method == "ft" else None)
+    trainer = _train(run, method, callback, base=base)
 
     # 1. decomposition.csv equals dora-analyze on the checkpoints the Trainer saved.
     # Rows are compared by (step, module): the order of matrices follows each side's file order.
@@ -93,9 +127,17 @@ def test_callback_equals_dora_analyze_and_leaves_training_unchanged(tmp_path: Pa
     assert [h["step"] for h in logged] == [2, 4]
     assert logged[-1]["decomposition/all/mean_delta_m"] == pytest.approx(expected[expected["step"] == 4]["delta_m"].mean(), rel=1e-12)
     assert "decomposition/query/mean_delta_d" in logged[-1] and "decomposition/all/pearson_r" in logged[-1]
-    assert (run / "decomposition.png").stat().st_size > 0
+    # ... beside the Trainer's own logs, none of which they displaced (logging_steps=1).
+    assert [h["step"] for h in trainer.state.log_history if "loss" in h] == list(range(1, STEPS + 1))
+    assert (run / "decomposition.png").stat().st_size > 0 if method == "dora" else not (run / "decomposition.png").exists()
 
-    # 3. Nothing of the model changed: trained without the callback, it is the same model.
+    # 3. Nothing of the model changed. Every event of the callback left the model's tensors and
+    # torch's RNG as it found them (checked by _Guarded, both methods) ...
+    assert callback.events.count("on_save") == 2 and callback.events[0] == "on_train_begin" and callback.events[-1] == "on_train_end"
+    if method == "ft":
+        return
+    # ... and, once (the PEFT path, the one that reads the adapter's state dict): trained
+    # without the callback, it is the same model.
     plain = _train(tmp_path / "plain", method, None)
     assert torch.equal(_logits(trainer.model), _logits(plain.model))
     for (name, a), (_, b) in zip(trainer.model.state_dict().items(), plain.model.state_dict().items(), strict=True):
@@ -109,10 +151,10 @@ from .test_train_run import _config, tiny_base  # noqa: E402, F401  (a module fi
 
 @pytest.mark.parametrize("method", ["ft", "dora"])
 def test_dora_train_writes_the_decomposition_dora_analyze_computes(
-    tiny_base: Path,
+    tiny_base: Path,  # noqa: F811
     tmp_path: Path,
     method: str,
-    monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from safetensors.torch import load_file
 

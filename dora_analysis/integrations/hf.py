@@ -101,11 +101,11 @@ class DecompositionCallback(TrainerCallback):
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if self.every_n_steps and state.global_step % self.every_n_steps == 0:
-            self._measure(state, kwargs["model"])
+            self._measure(state, control, kwargs["model"])
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if self.measure_on_save:
-            self._measure(state, kwargs["model"])
+            self._measure(state, control, kwargs["model"])
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if self.live is not None and self.figures:
@@ -113,7 +113,7 @@ class DecompositionCallback(TrainerCallback):
 
     # -- the work -------------------------------------------------------------------------
 
-    def _measure(self, state: TrainerState, model: torch.nn.Module) -> None:
+    def _measure(self, state: TrainerState, control: TrainerControl, model: torch.nn.Module) -> None:
         step = state.global_step
         if self.live is None or step in self._measured:
             return
@@ -122,7 +122,11 @@ class DecompositionCallback(TrainerCallback):
         scalars = self.live.scalars(rows)
         trainer = None if self._trainer is None else self._trainer()
         if trainer is not None:
+            # Trainer.log clears control.should_log; called from on_step_end, that would drop the
+            # Trainer's own log (the loss) of a step that is due one. Put the flag back.
+            should_log = control.should_log
             trainer.log(dict(scalars))  # every report_to integration, and state.log_history
+            control.should_log = trainer.control.should_log = should_log
         else:
             state.log_history.append({**scalars, "step": step})
             if not self._warned:
