@@ -104,8 +104,9 @@ def _warm_worker() -> int:
     """Import what a Ray task imports, so the timed run finds its workers ready."""
     import os
 
-    import dora_analysis.engine_ray  # noqa: F401 - the import is the point
     import torch  # noqa: F401
+
+    import dora_analysis.engine_ray  # noqa: F401 - the import is the point
 
     time.sleep(0.5)  # hold the worker so each warm-up call lands on its own process
     return os.getpid()

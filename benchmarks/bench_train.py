@@ -181,6 +181,7 @@ def saved_activation_mib(variants: list[str], model_path: Path, device: torch.de
     out = {}
     for v in variants:
         model, _ = build(v, model_path, device)
+
         def storage(t: torch.Tensor) -> int:
             return t.untyped_storage().data_ptr()
 
@@ -342,8 +343,10 @@ def main(argv: list[str] | None = None) -> int:
     saved = saved_activation_mib(variants, model_path, device)
     norms = time_norms()
 
-    print(f"# bench_train: {model_path}, r=8 alpha=16 on query+value, batch 16, {args.device}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}" + (f", peft {peft.__version__}" if "peft-dora" in variants else ""))
+    print(
+        f"# bench_train: {model_path}, r=8 alpha=16 on query+value, batch 16, {args.device}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}" + (f", peft {peft.__version__}" if "peft-dora" in variants else "")
+    )
     print(f"# {args.rounds} interleaved rounds x {args.steps_per_round} steps per variant; {time.perf_counter() - started:.0f} s in all\n")
     mem_kind = next(iter(memory.values()))["kind"] if memory else "-"
     print(f"{'variant':<10} {'ms/step (median)':>17} {'IQR':>13} {'peak mem. growth MiB':>21} {'saved for backward MiB':>23}")

@@ -32,9 +32,9 @@ __all__ = list(_EXPORTS)
 
 if TYPE_CHECKING:
     from .analysis import analyze
-    from .summary import magnitude_direction, summarize
     from .decompose import compare, delta_direction, delta_magnitude, magnitude
     from .errors import InputError
+    from .summary import magnitude_direction, summarize
 
 
 __getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -117,9 +117,7 @@ def _block_rows(weight: torch.Tensor, budget: int) -> int:
     return min(k, max(_MIN_BLOCK_ROWS, budget // max(2 * d, 1)))
 
 
-def _sums(
-    base: torch.Tensor, tuned: torch.Tensor, *, rows: bool, budget: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _sums(base: torch.Tensor, tuned: torch.Tensor, *, rows: bool, budget: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """|w0|^2, |w|^2 and w0.w of every vector, in float64: the rows or the columns of ``base``."""
     return _row_sums(base, tuned, budget) if rows else _column_sums(base, tuned, budget)
 

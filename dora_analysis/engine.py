@@ -105,9 +105,7 @@ def execute_task(
     for job in task.jobs:
         w = _as_weight(job.snapshot.weight(task.name, w0), job.snapshot.path, task.name).to(device)
         if w.shape != w0.shape:
-            raise InputError(
-                f"shape mismatch: base {tuple(w0.shape)} vs tuned {tuple(w.shape)}", path=job.snapshot.path, tensor=task.name
-            )
+            raise InputError(f"shape mismatch: base {tuple(w0.shape)} vs tuned {tuple(w.shape)}", path=job.snapshot.path, tensor=task.name)
         change = _change(job, task, device) if wants_change else None
         record: Record = {"run": job.run, "method": job.method, "step": job.step, "module": task.module}
         for metric, state in zip(metrics, states, strict=True):

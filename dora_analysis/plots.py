@@ -154,8 +154,7 @@ def _require(data: pd.DataFrame, columns: Sequence[str], what: str) -> None:
     missing = [c for c in columns if c not in data.columns]
     if missing:
         raise ValueError(
-            f"{what} needs the column(s) {missing}; got {list(data.columns)} "
-            "(pass the DataFrame returned by dora_analysis.analyze)"
+            f"{what} needs the column(s) {missing}; got {list(data.columns)} (pass the DataFrame returned by dora_analysis.analyze)"
         )
 
 
@@ -233,9 +232,7 @@ def _legend_handles(palette: Mapping[Any, str]) -> dict[str, Line2D]:
     if len(levels) > MAX_LEGEND_ENTRIES:
         keep = np.unique(np.linspace(0, len(levels) - 1, MAX_LEGEND_ENTRIES).round().astype(int))
         levels = [levels[i] for i in keep]
-    return {
-        str(level): Line2D([], [], linestyle="", marker="o", markersize=6, color=palette[level]) for level in levels
-    }
+    return {str(level): Line2D([], [], linestyle="", marker="o", markersize=6, color=palette[level]) for level in levels}
 
 
 # --------------------------------------------------------------------------------------------

@@ -34,9 +34,9 @@ from matplotlib.figure import Figure
 
 from . import __version__
 from . import plots as plotting
-from .paper import PAPER_R, PAPER_SETTING, is_paper_kind, method_label
 from .metrics import Metric, metrics_of
 from .metrics.md import MagnitudeDirection
+from .paper import PAPER_SETTING, is_paper_kind, method_label
 from .stats import has_sign, strength
 
 FORMATS = ("png", "svg", "pdf")
@@ -74,9 +74,7 @@ def _p(v: object) -> str:
     return _num(v, ".2g")
 
 
-def describe_correlation(
-    r: float, *, ci_low: float = math.nan, ci_high: float = math.nan, n: int | None = None
-) -> str:
+def describe_correlation(r: float, *, ci_low: float = math.nan, ci_high: float = math.nan, n: int | None = None) -> str:
     """Pearson r in plain language: strength and sign, its interval, and whether that excludes 0.
 
     Args:
@@ -242,16 +240,11 @@ def render_html(title: str, blocks: Sequence[Block]) -> str:
                 f"<figcaption>{_html_inline(b.caption)}</figcaption></figure>"
             )
         elif isinstance(b, FileLinks):
-            items = "".join(
-                f'<li><a href="{html.escape(n)}"><code>{html.escape(n)}</code></a>: {html.escape(w)}</li>'
-                for n, w in b.files
-            )
+            items = "".join(f'<li><a href="{html.escape(n)}"><code>{html.escape(n)}</code></a>: {html.escape(w)}</li>' for n, w in b.files)
             body.append(f"<ul>{items}</ul>")
     return (
         '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
-        f"<title>{html.escape(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
-        + "\n".join(body)
-        + "\n</body>\n</html>\n"
+        f"<title>{html.escape(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n" + "\n".join(body) + "\n</body>\n</html>\n"
     )
 
 
@@ -373,7 +366,12 @@ def _draw_figures(layers: pd.DataFrame, out_dir: Path, fmt: str) -> list[FigureB
         single = len(kinds) == 1
         for value, name in (("delta_d", "ΔD"), ("delta_m", "ΔM")):
             g = plotting.plot_heatmap_grid(layers, value=value, runs=runs if single else None, col_wrap=wrap if single else None)
-            save(g, f"heatmap_{value}", f"{name} by layer and step", f"{name} of each layer (rows) at each checkpoint (columns), per run and kind.")
+            save(
+                g,
+                f"heatmap_{value}",
+                f"{name} by layer and step",
+                f"{name} of each layer (rows) at each checkpoint (columns), per run and kind.",
+            )
     return drawn
 
 
@@ -445,7 +443,11 @@ def _overview(layers: pd.DataFrame) -> str:
     steps = layers.groupby("run")["step"].nunique()
     step_text = f"{steps.min()}" if steps.min() == steps.max() else f"{steps.min()} to {steps.max()}"
     axes = set(layers["axis"]) if "axis" in layers else {"out"}
-    vectors = "rows of each `[out, in]` weight (one per output feature, as in the paper)" if axes == {"out"} else "columns of each weight (`--axis in`, not the paper's convention)"
+    vectors = (
+        "rows of each `[out, in]` weight (one per output feature, as in the paper)"
+        if axes == {"out"}
+        else "columns of each weight (`--axis in`, not the paper's convention)"
+    )
     return (
         f"{_plural(len(runs), 'run')}: {names}. {_plural(layers['module'].nunique(), 'matrix', 'matrices')} "
         f"of kind {kinds}, {step_text} checkpoint{'' if steps.max() == 1 else 's'} per run, "
@@ -473,9 +475,7 @@ _GROWTH_TEXT = (
 def _finding(row: Mapping[str, object], paper: Mapping[str, float] | None) -> str:
     """One bullet: a run and kind, its r in words, slope, within/between parts, the paper's r."""
     kind = "all kinds pooled" if row["kind"] == "all" else f"`{row['kind']}`"
-    reading = describe_correlation(
-        _get(row, "pearson_r"), ci_low=_get(row, "r_ci_low"), ci_high=_get(row, "r_ci_high"), n=int(row["n"])
-    )
+    reading = describe_correlation(_get(row, "pearson_r"), ci_low=_get(row, "r_ci_low"), ci_high=_get(row, "r_ci_high"), n=int(row["n"]))
     details = [f"Slope {_num(row.get('slope'), '.3g')}"]
     if math.isfinite(_get(row, "r_between")) or math.isfinite(_get(row, "r_within")):
         details.append(f"between matrices r = {_r(_get(row, 'r_between'))}, within r = {_r(_get(row, 'r_within'))}")
@@ -628,7 +628,9 @@ def _md_sections(layers: pd.DataFrame, summary: pd.DataFrame, md: MagnitudeDirec
         if table.rows:
             blocks += [
                 Heading("Compared with the paper"),
-                Paragraph(f"The paper's figure 2 reports Pearson r over the {PAPER_SETTING}; the measured r is for the kind named, pooled over layers and checkpoints."),
+                Paragraph(
+                    f"The paper's figure 2 reports Pearson r over the {PAPER_SETTING}; the measured r is for the kind named, pooled over layers and checkpoints."
+                ),
                 table,
             ]
     growth = _growth_table(layers)
@@ -662,7 +664,7 @@ def write_report(
         fmt: Figure format: ``png``, ``svg`` or ``pdf``.
         plots: Draw figures; False writes the text only, with no figure links.
         title: The report's title.
-        paper: Reference correlations by method or run name (e.g. :data:`PAPER_R`), shown
+        paper: Reference correlations by method or run name (e.g. :data:`dora_analysis.paper.PAPER_R`), shown
             beside the measured r of each run's query matrices.
 
     Returns:

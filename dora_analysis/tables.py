@@ -45,9 +45,7 @@ def format_layers(layers: pd.DataFrame, metrics: Sequence[Metric] | None = None,
         if not columns:
             continue
         cells = [" / ".join(c.display(v) for c, v in zip(columns, values)) for values in zip(*(last[c.name] for c in columns))]
-        table = last.assign(v=cells).pivot_table(
-            index=["run", "step", "layer"], columns="kind", values="v", aggfunc="first", dropna=False
-        )
+        table = last.assign(v=cells).pivot_table(index=["run", "step", "layer"], columns="kind", values="v", aggfunc="first", dropna=False)
         lines = table.dropna(how="all").to_string(na_rep="").splitlines()
         if len(lines) > max_rows:
             lines = lines[:max_rows] + [f"... ({len(lines) - max_rows} more lines in layers.csv)"]

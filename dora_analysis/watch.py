@@ -125,6 +125,7 @@ def watch(
     Raises:
         InputError: A run folder that does not exist, or any input error of ``analyze``.
     """
+    from .cache import held_writes
     from .outputs import write_outputs
     from .summary import summarize
 
@@ -154,11 +155,13 @@ def watch(
                         new = True
             if new and all(opened.values()):
                 runs = [_run(folder, opened[folder], method) for folder in folders]
-                layers = analyze(
-                    store, runs, reader_options=reader_options, cache=out / ".cache" if cache else None, progress=False, **options
-                )
-                summary = summarize(layers)
-                write_outputs(out, layers, summary, fmt=fmt, plots=plots)
+                with held_writes() as commit_cache:  # the cache lands only with the outputs
+                    layers = analyze(
+                        store, runs, reader_options=reader_options, cache=out / ".cache" if cache else None, progress=False, **options
+                    )
+                    summary = summarize(layers)
+                    write_outputs(out, layers, summary, fmt=fmt, plots=plots)
+                    commit_cache()
                 if on_update is not None:
                     on_update(layers, summary)
             if until_step is not None and all(step >= until_step for step in reached.values()):

@@ -17,8 +17,8 @@ from safetensors.torch import load_file, save_file
 
 from dora_analysis.adapters import base_path_of, open_adapter
 from dora_analysis.analysis import analyze
-from dora_analysis.containers import open_checkpoint
 from dora_analysis.cli.analyze import main
+from dora_analysis.containers import open_checkpoint
 from dora_analysis.errors import InputError
 
 P = "base_model.model."  # PEFT's key prefix
@@ -89,7 +89,9 @@ KOHYA_MODULES = {  # base module -> (kohya stem, [out, in, *kernel])
 }
 
 
-def lycoris_merge(w0: torch.Tensor, down: torch.Tensor, up: torch.Tensor, alpha: float, dora_scale: torch.Tensor | None, wd_on_out: bool) -> torch.Tensor:
+def lycoris_merge(
+    w0: torch.Tensor, down: torch.Tensor, up: torch.Tensor, alpha: float, dora_scale: torch.Tensor | None, wd_on_out: bool
+) -> torch.Tensor:
     """LyCORIS's LoCon merge and ``apply_weight_decompose``, written out."""
     weight = w0 + (up.flatten(1) @ down.flatten(1)).reshape(w0.shape) * (alpha / down.shape[0])
     if dora_scale is None:
@@ -161,7 +163,9 @@ def test_kohya_flattened_square_dora_scale_needs_the_axis(tmp_path: Path) -> Non
 
 
 def test_kohya_other_lycoris_algorithms_are_refused(tmp_path: Path) -> None:
-    save_file({"lora_unet_conv_in.hada_w1_a": torch.randn(4, 2), "lora_unet_conv_in.alpha": torch.tensor(1.0)}, tmp_path / "loha.safetensors")
+    save_file(
+        {"lora_unet_conv_in.hada_w1_a": torch.randn(4, 2), "lora_unet_conv_in.alpha": torch.tensor(1.0)}, tmp_path / "loha.safetensors"
+    )
     with pytest.raises(InputError, match="LyCORIS LoHa"):
         open_adapter(tmp_path / "loha.safetensors")
 
@@ -171,9 +175,7 @@ class Blocks(torch.nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.blocks = torch.nn.ModuleList(
-            [torch.nn.ModuleDict({"q": torch.nn.Linear(6, 5), "v": torch.nn.Linear(6, 5)}) for _ in range(2)]
-        )
+        self.blocks = torch.nn.ModuleList([torch.nn.ModuleDict({"q": torch.nn.Linear(6, 5), "v": torch.nn.Linear(6, 5)}) for _ in range(2)])
 
 
 def test_lycoris_full_differences_are_dense_updates(tmp_path: Path) -> None:
@@ -313,7 +315,10 @@ def test_peft_names_match_across_a_leading_prefix(tmp_path: Path, base_prefix: s
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     a, b = torch.randn(2, 8), torch.randn(12, 2)
-    save_file({f"{P}{adapter_prefix}layers.0.q.lora_A.weight": a, f"{P}{adapter_prefix}layers.0.q.lora_B.weight": b}, adapter / "adapter_model.safetensors")
+    save_file(
+        {f"{P}{adapter_prefix}layers.0.q.lora_A.weight": a, f"{P}{adapter_prefix}layers.0.q.lora_B.weight": b},
+        adapter / "adapter_model.safetensors",
+    )
     (adapter / "adapter_config.json").write_text(json.dumps(LORA_CONFIG))
     snap = open_adapter(adapter)
     store = open_checkpoint(base)

@@ -30,8 +30,8 @@ from torch import nn
 
 from dora_analysis.adapters import base_path_of, open_adapter
 from dora_analysis.analysis import analyze
-from dora_analysis.containers import open_checkpoint
 from dora_analysis.cli.analyze import main
+from dora_analysis.containers import open_checkpoint
 from dora_analysis.runs import Snapshot, open_run
 
 from .conftest import write_trainer_state
@@ -101,7 +101,10 @@ LAYERS: dict[str, tuple[Callable[[], nn.Module], list[str], str, str | None]] = 
 VARIANTS: dict[tuple[str, str], dict[str, Any]] = {
     ("linear", "rslora"): {"use_rslora": True, "lora_alpha": 6},
     ("linear", "patterns"): {
-        "rank_pattern": {"q": 4}, "alpha_pattern": {r"layers\.1\.v": 5}, "layers_to_transform": [1], "layers_pattern": "layers",
+        "rank_pattern": {"q": 4},
+        "alpha_pattern": {r"layers\.1\.v": 5},
+        "layers_to_transform": [1],
+        "layers_pattern": "layers",
     },  # fmt: skip
     ("linear", "modules_to_save"): {"modules_to_save": ["head"], "lora_bias": True, "bias": "lora_only"},
     ("conv1d", "rslora"): {"use_rslora": True, "lora_alpha": 6},
@@ -208,7 +211,9 @@ def oracle(w0: torch.Tensor, w: torch.Tensor, *, transposed: bool) -> tuple[floa
     return float(np.mean(np.abs(m - m0))), float(np.mean(1.0 - cos))
 
 
-def assert_layers_match(layers: pd.DataFrame, base_dir: Path, merged_by_step: dict[int, dict[str, torch.Tensor]], transposed_re: str | None) -> None:
+def assert_layers_match(
+    layers: pd.DataFrame, base_dir: Path, merged_by_step: dict[int, dict[str, torch.Tensor]], transposed_re: str | None
+) -> None:
     base = open_checkpoint(base_dir)
     for _, row in layers.iterrows():
         name = row["module"] + ".weight"

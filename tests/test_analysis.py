@@ -14,9 +14,9 @@ from safetensors.torch import save_file
 
 import dora_analysis as da
 from dora_analysis.analysis import LAYER_COLUMNS
-from dora_analysis.summary import SUMMARY_COLUMNS
-from dora_analysis.containers import open_checkpoint
 from dora_analysis.cli.analyze import main
+from dora_analysis.containers import open_checkpoint
+from dora_analysis.summary import SUMMARY_COLUMNS
 
 from .conftest import write_trainer_state
 
@@ -46,7 +46,9 @@ def test_cli_layers_csv_matches_numpy_oracle(tiny_bert: tuple[Path, dict], tmp_p
     tuned_dir = tmp_path / "tuned"
     tuned_dir.mkdir()
     # Saved as .bin, with the task-head prefix a Trainer adds (`bert.`) and an extra head.
-    torch.save({"bert." + k: v for k, v in tuned_state.items()} | {"classifier.weight": torch.randn(2, 32)}, tuned_dir / "pytorch_model.bin")
+    torch.save(
+        {"bert." + k: v for k, v in tuned_state.items()} | {"classifier.weight": torch.randn(2, 32)}, tuned_dir / "pytorch_model.bin"
+    )
     out = tmp_path / "out"
     assert main([str(base_dir), str(tuned_dir), "--out", str(out), "--no-plots", "--quiet"]) == 0
 

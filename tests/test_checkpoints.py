@@ -96,7 +96,9 @@ def test_truncated_safetensors_names_the_file(tmp_path: Path) -> None:
     path = WRITERS["safetensors file"](tmp_path)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) - 20])
-    with pytest.raises(InputError, match=r"w\.safetensors \[layers\.1\.attn\.q\.weight\]: not a readable safetensors file: tensor data runs past the end"):
+    with pytest.raises(
+        InputError, match=r"w\.safetensors \[layers\.1\.attn\.q\.weight\]: not a readable safetensors file: tensor data runs past the end"
+    ):
         open_checkpoint(path)
     path.write_bytes(data[:5])
     with pytest.raises(InputError, match=r"w\.safetensors: not a readable safetensors file: file is shorter"):
@@ -158,7 +160,9 @@ def test_names_layers_kinds_and_default_selection() -> None:
     assert strip_wrappers("module._orig_mod.x") == "x"
     assert layer_index("model.layers.12.self_attn.q_proj.weight") == 12
     assert layer_index("lm_head.weight") is None
-    k = kinds(["e.layer.0.attention.output.dense", "e.layer.0.output.dense", "e.layer.0.attention.self.query", "model.layers.3.self_attn.q_proj"])
+    k = kinds(
+        ["e.layer.0.attention.output.dense", "e.layer.0.output.dense", "e.layer.0.attention.self.query", "model.layers.3.self_attn.q_proj"]
+    )
     assert k == {
         "e.layer.0.attention.output.dense": "attention.output.dense",
         "e.layer.0.output.dense": "output.dense",

@@ -88,7 +88,9 @@ def test_debug_shows_the_traceback(tmp_path: Path) -> None:
     assert res.returncode != 0 and "Traceback" in res.stderr
 
 
-def test_failure_while_writing_leaves_no_half_written_output(setup: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failure_while_writing_leaves_no_half_written_output(
+    setup: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     base, run = setup
     out = tmp_path / "out"
     out.mkdir()

@@ -12,14 +12,14 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import pytest  # noqa: E402
-from matplotlib.collections import PathCollection, QuadMesh  # noqa: E402
-from matplotlib.colors import to_hex  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.collections import PathCollection, QuadMesh
+from matplotlib.colors import to_hex
 
-from dora_analysis import plots, stats, summarize  # noqa: E402
+from dora_analysis import plots, stats, summarize
 
 METHODS = {"ft": (0.018, 0.07, -1), "lora": (0.13, 0.35, +1), "dora": (0.24, 1.0, -1)}
 

@@ -12,14 +12,15 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-import pytest  # noqa: E402
+import matplotlib.pyplot as plt
+import pandas as pd
+import pytest
 
-from dora_analysis import summarize  # noqa: E402
-from dora_analysis.report import PAPER_R, describe_correlation, write_report  # noqa: E402
+from dora_analysis import summarize
+from dora_analysis.paper import PAPER_R
+from dora_analysis.report import describe_correlation, write_report
 
-from .test_plots import make_layers  # noqa: E402
+from .test_plots import make_layers
 
 MAGIC = {"png": b"\x89PNG\r\n\x1a\n", "svg": b"<?xml", "pdf": b"%PDF-"}
 
@@ -151,7 +152,11 @@ def test_unknown_format(tmp_path: Path, tables: tuple) -> None:
     [
         (-0.62, (math.nan, math.nan), "strong negative (r = -0.62)"),
         (0.83, (0.7, 0.9), "strong positive (r = +0.83, 95% CI [+0.70, +0.90])"),
-        (-0.31, (-0.6, 0.1), "moderate negative (r = -0.31, 95% CI [-0.60, +0.10]); the interval includes 0, so the sign is not established"),
+        (
+            -0.31,
+            (-0.6, 0.1),
+            "moderate negative (r = -0.31, 95% CI [-0.60, +0.10]); the interval includes 0, so the sign is not established",
+        ),
         (0.05, (math.nan, math.nan), "no correlation (r = +0.05)"),
         (math.nan, (math.nan, math.nan), "undefined (fewer than 3 distinct points)"),
     ],

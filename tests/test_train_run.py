@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from dora_analysis.cli.train import build_parser, config_from_args, main
 from dora_analysis.train import EncoderClassifier, TrainConfig, TrainResult, merged_state_dict, train
 from dora_analysis.train.checkpoint import MetricsLog
-from dora_analysis.cli.train import build_parser, config_from_args, main
 from dora_analysis.train.data import ADJECTIVES, NOUNS
 
 METHODS = ("ft", "lora", "dora")
@@ -125,7 +125,9 @@ def test_analyzer_reads_the_run(runs: dict[str, TrainResult], tiny_base: Path, m
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_dora_analyze_cli_reads_the_run(runs: dict[str, TrainResult], tiny_base: Path, method: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_dora_analyze_cli_reads_the_run(
+    runs: dict[str, TrainResult], tiny_base: Path, method: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     from dora_analysis.cli.analyze import main as analyze_main
 
     run = runs[method].run_dir
@@ -195,7 +197,9 @@ def _same_checkpoint(a: Path, b: Path) -> None:
     assert history[0] == history[1]
 
 
-def test_interrupted_ft_run_resumes_bit_for_bit(runs: dict[str, TrainResult], tiny_base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_interrupted_ft_run_resumes_bit_for_bit(
+    runs: dict[str, TrainResult], tiny_base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     cfg = _config(tiny_base, tmp_path / "ft", "ft")
     real_append = MetricsLog.append
 

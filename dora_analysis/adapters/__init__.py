@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from ..containers import TensorStore, find_checkpoint_file, hf_cache, open_file
-from ..errors import InputError
 from ..decompose import AXES, Axis
+from ..errors import InputError
 from ..registry import Registry
 from ..snapshot import Snapshot
 from .kohya import KohyaLora, is_kohya
@@ -68,7 +68,7 @@ class AdapterFormat:
 
 ADAPTER_FORMATS: Registry[AdapterFormat] = Registry("adapter format")
 
-__all__ = ["ADAPTER_FORMATS", "AdapterFormat", "ReaderOptions", "open_adapter", "base_path_of", "known_reader_options"]
+__all__ = ["ADAPTER_FORMATS", "AdapterFormat", "ReaderOptions", "base_path_of", "known_reader_options", "open_adapter"]
 
 
 def known_reader_options() -> frozenset[str]:

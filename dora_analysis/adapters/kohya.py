@@ -31,8 +31,8 @@ import torch
 
 from .. import names as nm
 from ..containers import TensorStore
-from ..errors import InputError
 from ..decompose import Axis
+from ..errors import InputError
 from ..peft_format import lora_scale
 from .snapshot import AdapterSnapshot, Target, pair_shapes
 
@@ -104,16 +104,14 @@ def dora_axis_of(shape: tuple[int, ...], out: int, inp: int, option: Axis | None
     if len(candidates) == 1:
         if option is not None and option != candidates[0]:
             raise InputError(
-                f"dora_scale of shape {list(shape)} runs along the {candidates[0]!r} features, "
-                f"but dora_axis={option!r} was given"
+                f"dora_scale of shape {list(shape)} runs along the {candidates[0]!r} features, but dora_axis={option!r} was given"
             )
         return candidates[0]
     if option is None:
         raise InputError(
             f"dora_scale of shape {list(shape)} fits both the output and the input axis of this square "
             "matrix, so the file alone cannot tell how to apply it",
-            hint="pass dora_axis='out' (LyCORIS >= 3.2.0, wd_on_output) or 'in' (older LyCORIS); "
-            "CLI: --dora-scale-axis out|in",
+            hint="pass dora_axis='out' (LyCORIS >= 3.2.0, wd_on_output) or 'in' (older LyCORIS); CLI: --dora-scale-axis out|in",
         )
     return option
 
@@ -213,9 +211,7 @@ class KohyaLora(AdapterSnapshot):
             raise InputError(f"diff has shape {list(shape)}, not a weight's", path=self.store.path, tensor=params["diff"])
         bias = params.get("diff_b")
         if bias is not None and tuple(self.store.shape(bias)) != (shape[0],):
-            raise InputError(
-                f"diff_b has shape {list(self.store.shape(bias))}, expected [{shape[0]}]", path=self.store.path, tensor=bias
-            )
+            raise InputError(f"diff_b has shape {list(self.store.shape(bias))}, expected [{shape[0]}]", path=self.store.path, tensor=bias)
         return Target(
             out_features=shape[0],
             in_features=shape[1],

@@ -280,7 +280,9 @@ class PeftLora(PeftAdapter):
         if isinstance(rank, bool) or not isinstance(rank, (int, float)) or rank != int(rank) or rank < 1:
             raise self._error(f"r for {module} is {rank!r}: the rank must be a positive integer", hint="check r and rank_pattern")
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-            raise self._error(f"lora_alpha for {module} is {alpha!r}: it must be a finite number", hint="check lora_alpha and alpha_pattern")
+            raise self._error(
+                f"lora_alpha for {module} is {alpha!r}: it must be a finite number", hint="check lora_alpha and alpha_pattern"
+            )
         return int(rank), lora_scale(float(alpha), int(rank), rslora=bool(self.config.get("use_rslora")))
 
     def _setting(self, patterns_field: str, module: str, field: str, default: object) -> object:
@@ -330,8 +332,7 @@ class PeftLora(PeftAdapter):
         if (key is not None) != (self._method() == "dora"):
             state = "has" if key is not None else "lacks"
             raise self._error(
-                f"{module} {state} a DoRA magnitude, but the adapter's method is {self._method()!r} "
-                f"(use_dora in {ADAPTER_CONFIG})",
+                f"{module} {state} a DoRA magnitude, but the adapter's method is {self._method()!r} (use_dora in {ADAPTER_CONFIG})",
                 key=key or next(iter(params.values())),
             )
         # Linear: [out]; Conv: [1, out, 1, 1] ("weight_norm = weight.norm(p=2, dim=dim,

@@ -24,9 +24,9 @@ import torch
 
 from .. import names as nm
 from ..containers import TensorStore
+from ..decompose import Axis
 from ..errors import InputError
 from ..snapshot import Snapshot
-from ..decompose import Axis
 from .merge import DenseUpdate, LowRankUpdate, Update
 
 
@@ -171,7 +171,13 @@ class AdapterSnapshot(Snapshot):
             found = next((index[v] for v in variants if v in index), None)
             if found is None:
                 found = sorted(
-                    {n for form, names in index.items() for v in variants if form.endswith(sep + v) or v.endswith(sep + form) for n in names}
+                    {
+                        n
+                        for form, names in index.items()
+                        for v in variants
+                        if form.endswith(sep + v) or v.endswith(sep + form)
+                        for n in names
+                    }
                 )
             if len(found) > 1:
                 raise InputError(

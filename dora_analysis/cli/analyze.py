@@ -68,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="how GPT-2-style matrices (c_attn, c_proj, c_fc) are stored when the base has no config.json to say: "
         "'linear' [out, in] (torch Linear, e.g. GPTBigCode) or 'conv1d' [in, out] (GPT-2 Conv1D); wins over any guess",
     )
-    sel.add_argument("--dora-scale-axis", choices=("out", "in"), help="kohya/LyCORIS dora_scale axis when the shape cannot tell (square matrices)")
+    sel.add_argument(
+        "--dora-scale-axis", choices=("out", "in"), help="kohya/LyCORIS dora_scale axis when the shape cannot tell (square matrices)"
+    )
     sel.add_argument(
         "--intruder-k",
         type=int,
@@ -110,7 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
         "after each; stop with Ctrl-C",
     )
     out.add_argument("--until-step", type=int, metavar="N", help="with --watch: stop once every run has a checkpoint at step N or later")
-    out.add_argument("--poll", type=float, default=5.0, metavar="SECONDS", help="with --watch: seconds between looks at the run folders (default 5)")
+    out.add_argument(
+        "--poll", type=float, default=5.0, metavar="SECONDS", help="with --watch: seconds between looks at the run folders (default 5)"
+    )
     run = p.add_argument_group("running")
     run.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     run.add_argument(
@@ -119,7 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the tasks (one per base matrix) run: serial (default, this process) or ray (pip install 'dora-analysis[ray]')",
     )
     run.add_argument("--address", metavar="ADDR", help="with --engine ray: join this Ray cluster ('auto': the one on this machine)")
-    run.add_argument("--workers", type=int, metavar="N", help="with --engine ray: start a local Ray cluster with N workers (default: all cores)")
+    run.add_argument(
+        "--workers", type=int, metavar="N", help="with --engine ray: start a local Ray cluster with N workers (default: all cores)"
+    )
     run.add_argument(
         "--dry-run",
         action="store_true",
@@ -235,7 +241,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.dry_run:
         from ..dryrun import describe_plan
 
-        print(describe_plan(base, tuned, modules=args.modules, all_modules=args.all_modules, steps=_parse_steps(args.steps), last=args.last))
+        print(
+            describe_plan(base, tuned, modules=args.modules, all_modules=args.all_modules, steps=_parse_steps(args.steps), last=args.last)
+        )
         return 0
     if args.list:
         store = open_checkpoint(base)
@@ -249,25 +257,30 @@ def _run(args: argparse.Namespace) -> int:
     if args.watch:
         return _watch(args, base, tuned)
 
-    layers = analyze(
-        base,
-        tuned,
-        progress=False if args.quiet else None,
-        cache=None if args.out is None or args.no_cache else args.out / ".cache",
-        **_analyze_options(args),
-    )
-    summary = summarize(layers)
-    _note_undefined_direction(layers)
-    if not args.quiet:
-        print(format_summary(summary))
-        print()
-        print(format_layers(layers))
-    if args.out is not None:
-        from ..outputs import write_outputs
+    from ..cache import held_writes
 
-        written = write_outputs(args.out, layers, summary, fmt=args.format, plots=not args.no_plots)
+    # New cache entries land in --out only once the outputs have: all or nothing, cache included.
+    with held_writes() as commit_cache:
+        layers = analyze(
+            base,
+            tuned,
+            progress=False if args.quiet else None,
+            cache=None if args.out is None or args.no_cache else args.out / ".cache",
+            **_analyze_options(args),
+        )
+        summary = summarize(layers)
+        _note_undefined_direction(layers)
         if not args.quiet:
-            print(f"\nwrote {len(written)} files to {args.out}/ (report: {args.out / 'report.md'})")
+            print(format_summary(summary))
+            print()
+            print(format_layers(layers))
+        if args.out is not None:
+            from ..outputs import write_outputs
+
+            written = write_outputs(args.out, layers, summary, fmt=args.format, plots=not args.no_plots)
+            commit_cache()
+            if not args.quiet:
+                print(f"\nwrote {len(written)} files to {args.out}/ (report: {args.out / 'report.md'})")
     return _check_sign(summary, args.expect_sign)
 
 
@@ -373,7 +386,10 @@ def _check_sign(summary: pd.DataFrame, expect: str | None) -> int:
         r = row["pearson_r"]
         if not has_sign(r, +1 if expect == "positive" else -1):
             failed += 1
-            print(f"{PROG}: sign check failed: run {row['run']}: pearson r = {r:+.3f} over {row['n']} points, expected {expect}", file=sys.stderr)
+            print(
+                f"{PROG}: sign check failed: run {row['run']}: pearson r = {r:+.3f} over {row['n']} points, expected {expect}",
+                file=sys.stderr,
+            )
     return 1 if failed else 0
 
 

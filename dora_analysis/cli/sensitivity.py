@@ -27,12 +27,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train the reproduction's runs and variants of them (weight decay, the task's words), "
         "then print the pooled Pearson r of every run under each variant of the analysis "
         "(which checkpoints, which axis) as a Markdown table.",
-        epilog="The variants: dora_analysis/experiments/sensitivity.py. About 15 min on 2 CPU cores; "
-        "finished runs are reused.",
+        epilog="The variants: dora_analysis/experiments/sensitivity.py. About 15 min on 2 CPU cores; finished runs are reused.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--out", type=Path, default=Path("runs/sensitivity"), help="output folder (default runs/sensitivity)")
-    p.add_argument("--seeds", type=int, nargs="+", default=list(REFERENCE.seeds), help=f"seeds (default {' '.join(map(str, REFERENCE.seeds))})")
+    p.add_argument(
+        "--seeds", type=int, nargs="+", default=list(REFERENCE.seeds), help=f"seeds (default {' '.join(map(str, REFERENCE.seeds))})"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p

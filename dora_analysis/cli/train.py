@@ -153,7 +153,10 @@ def _run(args: argparse.Namespace) -> int:
 
 def format_result(result: TrainResult, seconds: float) -> str:
     """A short report: where the run is, its checkpoints, and the loss along the way."""
-    lines = [f"run: {result.run_dir}  ({seconds:.1f} s" + (f", resumed at step {result.resumed_from})" if result.resumed_from is not None else ")")]
+    lines = [
+        f"run: {result.run_dir}  ({seconds:.1f} s"
+        + (f", resumed at step {result.resumed_from})" if result.resumed_from is not None else ")")
+    ]
     if not result.checkpoints:
         lines.append("nothing to do: the run is already complete")
         return "\n".join(lines)

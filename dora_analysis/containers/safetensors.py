@@ -44,16 +44,11 @@ class SafetensorsStore(TensorStore):
     def _parse_header(self) -> None:
         # Checked as the safetensors library checks it (see safetensors_format): a file that
         # library would refuse is refused here, before any of its bytes become numbers.
-        header = parse_header(
-            lambda offset, size: os.pread(self._fd, size, offset), os.fstat(self._fd).st_size, path=self.path
-        )
+        header = parse_header(lambda offset, size: os.pread(self._fd, size, offset), os.fstat(self._fd).st_size, path=self.path)
         self._data_start = header.data_start
         self._dtype_names = {name: entry.dtype for name, entry in header.tensors.items()}
         # dtype None: a valid tensor torch cannot hold (F4, F6); refused only if it is read.
-        self._entries = {
-            name: (torch_dtype(entry.dtype), entry.shape, entry.begin, entry.end)
-            for name, entry in header.tensors.items()
-        }
+        self._entries = {name: (torch_dtype(entry.dtype), entry.shape, entry.begin, entry.end) for name, entry in header.tensors.items()}
 
     def keys(self) -> list[str]:
         return list(self._entries)

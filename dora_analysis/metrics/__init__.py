@@ -39,8 +39,17 @@ METRICS.register(Amplification)
 DEFAULT_METRICS: tuple[str, ...] = ("md",)
 
 __all__ = [
-    "METRICS", "DEFAULT_METRICS", "Column", "Metric", "MatrixContext", "ID_COLUMNS", "GROUP_COLUMNS",
-    "build_metrics", "layer_columns", "summary_columns", "metrics_of",
+    "DEFAULT_METRICS",
+    "GROUP_COLUMNS",
+    "ID_COLUMNS",
+    "METRICS",
+    "Column",
+    "MatrixContext",
+    "Metric",
+    "build_metrics",
+    "layer_columns",
+    "metrics_of",
+    "summary_columns",
 ]  # fmt: skip
 
 

@@ -41,7 +41,9 @@ class MagnitudeDirection:
         Column("cols", "int64", "length of each vector", "d"),
         Column("delta_m", "float64", "dM: mean absolute change of the vector norms (paper eq. 3)", ".3g", "dM"),
         Column("delta_d", "float64", "dD: mean of 1 - cos between tuned and base vectors (paper eq. 4)", ".3g", "dD"),
-        Column("delta_m_signed", "float64", "mean of m_t - m_0: positive when vectors grow, negative when they shrink", "+.3g", "signed dM"),
+        Column(
+            "delta_m_signed", "float64", "mean of m_t - m_0: positive when vectors grow, negative when they shrink", "+.3g", "signed dM"
+        ),
         Column("base_norm", "float64", "mean base vector norm m_0, the scale dM is measured against", ".3g", "base norm"),
         Column("zero_rows", "int64", "vectors left out of dD because their norm is zero on either side", "d", "zero vectors"),
         Column("axis", "str", "which vectors were normalised: out (the paper's) or in", ""),

