@@ -74,9 +74,7 @@ def test_every_default_seed_has_the_papers_signs(tmp_path: Path) -> None:
 
 
 def _summary(rs: dict[str, float]) -> pd.DataFrame:
-    return pd.DataFrame(
-        [{"run": f"{m}-seed0", "method": m, "kind": "all", "pearson_r": r, "n": 24} for m, r in rs.items()]
-    )
+    return pd.DataFrame([{"run": f"{m}-seed0", "method": m, "kind": "all", "pearson_r": r, "n": 24} for m, r in rs.items()])
 
 
 def test_sign_check_reports_each_run_that_differs() -> None:

@@ -137,7 +137,10 @@ def train_runs(ref: Reference, out: Path, seeds: tuple[int, ...], *, progress: b
             result = train(config)
             if progress:
                 how = "reused" if result.resumed_from == config.steps else "trained"
-                print(f"{run_name(method, seed)}: {how} in {time.perf_counter() - t0:.0f} s, final loss {result.final_loss:.3f}", file=sys.stderr)
+                print(
+                    f"{run_name(method, seed)}: {how} in {time.perf_counter() - t0:.0f} s, final loss {result.final_loss:.3f}",
+                    file=sys.stderr,
+                )
             runs.append(run_dir)
     return runs
 
@@ -298,5 +301,7 @@ def format_comparison(summary: pd.DataFrame, paper: dict[str, float] = PAPER_R) 
         want = EXPECTED_SIGN.get(str(method), 0)
         ok = all(has_sign(r, want) for r in rs)
         per_seed = " ".join(f"{r:+.2f}" for r in rs)
-        lines.append(f"{method:8s} {paper.get(str(method), math.nan):+8.2f} {per_seed:>28s} {sum(rs) / len(rs):+7.2f}  {'as paper' if ok else 'DIFFERS'}")
+        lines.append(
+            f"{method:8s} {paper.get(str(method), math.nan):+8.2f} {per_seed:>28s} {sum(rs) / len(rs):+7.2f}  {'as paper' if ok else 'DIFFERS'}"
+        )
     return "\n".join(lines)

@@ -79,7 +79,9 @@ def format_table(rows: list[tuple[Variant, dict[str, list[float]]]], seeds: tupl
     from ..stats import has_sign
 
     methods = list(REFERENCE.methods)
-    head = "| variant | " + " | ".join(f"{method_label(m)} r (paper {PAPER_R[m]:+.2f})" for m in methods) + " | paper's signs on every seed |"
+    head = (
+        "| variant | " + " | ".join(f"{method_label(m)} r (paper {PAPER_R[m]:+.2f})" for m in methods) + " | paper's signs on every seed |"
+    )
     lines = [f"Pearson r of dM vs dD, query matrices, seeds {' / '.join(map(str, seeds))}", "", head, "|" + "---|" * (len(methods) + 2)]
     for v, by_method in rows:
         cells, all_ok = [], True
