@@ -9,18 +9,17 @@ adapter's rank, else ``rank`` (default 8).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import pandas as pd
 import torch
 
 from .. import spectral as sp
-from .base import Column, MatrixContext
-from .spectrum import DEFAULT_RANK, BaseMatrix, prepare_base, tuned_matrix
+from .base import Column
+from .spectrum import BaseMatrix, UpdateMetric, tuned_matrix
 
 
-class Amplification:
+class Amplification(UpdateMetric):
     """The ``amplification`` metric: ||dW||_F over the base's projection on dW's top-r subspace.
 
     Args:
@@ -46,19 +45,6 @@ class Amplification:
     summary_columns: ClassVar[tuple[Column, ...]] = ()
     headline: ClassVar[tuple[str, ...]] = ("amplification",)
     summary_inputs: ClassVar[tuple[str, ...]] = ("proj_norm", "amplification")
-    uses_change: ClassVar[bool] = True
-
-    def __init__(self, rank: int = DEFAULT_RANK) -> None:
-        if rank < 1:
-            raise ValueError(f"rank must be at least 1, got {rank}")
-        self.rank = rank
-
-    @classmethod
-    def from_options(cls, options: Mapping[str, Any]) -> Amplification:
-        return cls(rank=int(options.get("rank") or DEFAULT_RANK))
-
-    def prepare(self, base: torch.Tensor, ctx: MatrixContext) -> BaseMatrix:
-        return prepare_base(base, ctx)
 
     def measure(self, state: BaseMatrix, tuned: torch.Tensor, change: sp.Change | None = None) -> dict[str, object]:
         change = change or sp.Change()

@@ -45,7 +45,32 @@ def tuned_matrix(base: BaseMatrix, tuned: torch.Tensor) -> torch.Tensor:
     return w
 
 
-class UpdateSpectrum:
+class UpdateMetric:
+    """What the metrics on the update dW share: a rank for its top singular vectors when the
+    update's own rank is unknown (``--rank``), and the base as it is analysed.
+
+    Args:
+        rank: The number of top singular vectors of dW to use for a full fine-tune; an
+            adapter's own rank r wins.
+    """
+
+    # measure() takes the update's factors when the engine has them (see dora_analysis.engine).
+    uses_change: ClassVar[bool] = True
+
+    def __init__(self, rank: int = DEFAULT_RANK) -> None:
+        if rank < 1:
+            raise ValueError(f"rank must be at least 1, got {rank}")
+        self.rank = rank
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> UpdateMetric:
+        return cls(rank=int(options.get("rank") or DEFAULT_RANK))
+
+    def prepare(self, base: torch.Tensor, ctx: MatrixContext) -> BaseMatrix:
+        return prepare_base(base, ctx)
+
+
+class UpdateSpectrum(UpdateMetric):
     """The ``spectrum`` metric: how large and how low-rank the update is.
 
     Args:
@@ -82,20 +107,6 @@ class UpdateSpectrum:
     summary_columns: ClassVar[tuple[Column, ...]] = ()
     headline: ClassVar[tuple[str, ...]] = ("dw_rel", "dw_stable_rank", "dw_effective_rank")
     summary_inputs: ClassVar[tuple[str, ...]] = ("dw_fro", "dw_stable_rank")
-    # measure() takes the update's factors when the engine has them (see dora_analysis.engine).
-    uses_change: ClassVar[bool] = True
-
-    def __init__(self, rank: int = DEFAULT_RANK) -> None:
-        if rank < 1:
-            raise ValueError(f"rank must be at least 1, got {rank}")
-        self.rank = rank
-
-    @classmethod
-    def from_options(cls, options: Mapping[str, Any]) -> UpdateSpectrum:
-        return cls(rank=int(options.get("rank") or DEFAULT_RANK))
-
-    def prepare(self, base: torch.Tensor, ctx: MatrixContext) -> BaseMatrix:
-        return prepare_base(base, ctx)
 
     def measure(self, state: BaseMatrix, tuned: torch.Tensor, change: sp.Change | None = None) -> dict[str, object]:
         change = change or sp.Change()
