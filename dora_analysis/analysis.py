@@ -20,13 +20,13 @@ import torch
 
 from . import engine_ray  # noqa: F401 - registers the "ray" engine (Ray itself is imported only when used)
 from . import names as nm
-from .adapters.peft import ADAPTER_CONFIG
 from .cache import BASE_DIR, BaseCache, ResultCache
 from .containers import TensorStore, open_checkpoint
 from .decompose import Axis
 from .engine import ENGINES, PAIRS_KEY, ExecutionPolicy
 from .errors import InputError
 from .metrics import Metric, build_metrics, layer_columns
+from .peft_format import ADAPTER_CONFIG
 from .plan import build_plan
 from .runs import Run, open_run
 
