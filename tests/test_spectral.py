@@ -220,3 +220,15 @@ def test_nan_names_the_side() -> None:
         measure("spectrum", w0, bad)
     with pytest.raises(ValueError, match=r"^base"):
         measure("intruders", bad, w0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_check_finite_finds_any_nan_or_inf(bad: float) -> None:
+    matrix = torch.randn(5, 4)
+    matrix[2, 1] = bad
+    with pytest.raises(ValueError, match="tuned weight holds NaN or Inf"):
+        sp.check_finite(matrix, "tuned")
+
+
+def test_check_finite_accepts_finite_values_whose_sum_overflows() -> None:
+    sp.check_finite(torch.full((3, 3), 1e308, dtype=torch.float64), "base")  # the sum is inf; no value is
