@@ -34,7 +34,7 @@ from pathlib import Path
 from ..errors import InputError
 from ..registry import Registry
 from . import deepspeed, hf_cache, quantized
-from .base import TensorStore
+from .base import MemoryStore, TensorStore
 from .dcp import DcpStore, is_dcp_folder
 from .safetensors import SAFETENSORS_SUFFIXES, SafetensorsStore
 from .shapes import ShapesStore, is_shapes_file, is_shapes_folder
@@ -42,8 +42,19 @@ from .sharded import ShardedStore
 from .torch_pickle import PICKLE_SUFFIXES, TorchStore
 
 __all__ = [
-    "CONTAINERS", "PICKLE_SUFFIXES", "SAFETENSORS_SUFFIXES", "ContainerReader", "DcpStore", "SafetensorsStore",
-    "ShardedStore", "TensorStore", "TorchStore", "find_checkpoint_file", "open_checkpoint", "open_file",
+    "CONTAINERS",
+    "PICKLE_SUFFIXES",
+    "SAFETENSORS_SUFFIXES",
+    "ContainerReader",
+    "DcpStore",
+    "MemoryStore",
+    "SafetensorsStore",
+    "ShardedStore",
+    "TensorStore",
+    "TorchStore",
+    "find_checkpoint_file",
+    "open_checkpoint",
+    "open_file",
 ]  # fmt: skip
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -62,15 +62,44 @@ class TensorStore(ABC):
     @cached_property
     def config(self) -> dict[str, Any]:
         """The ``config.json`` beside the checkpoint (Hugging Face model config), or ``{}``."""
-        folder = self.path if self.path.is_dir() else self.path.parent
-        cfg = folder / "config.json"
-        if not cfg.is_file():
-            return {}
-        try:
-            data = json.loads(cfg.read_text())
-        except (OSError, ValueError):
-            return {}
-        return data if isinstance(data, dict) else {}
+        return config_beside(self.path)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.path)!r}, {len(self)} tensors)"
+
+
+def config_beside(path: Path) -> dict[str, Any]:
+    """The ``config.json`` in ``path`` (a folder) or beside it (a file), or ``{}``."""
+    folder = path if path.is_dir() else path.parent
+    cfg = folder / "config.json"
+    if not cfg.is_file():
+        return {}
+    try:
+        data = json.loads(cfg.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+class MemoryStore(TensorStore):
+    """A :class:`TensorStore` over tensors already in memory (a live model's, a copy, a consolidation).
+
+    Args:
+        tensors: Name -> tensor; read as they are, never copied or changed.
+        path: What messages name as the source (e.g. the run folder).
+        config: The model's config (``model_type`` decides the storage layout of some matrices).
+    """
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], path: Path, config: Mapping[str, Any] | None = None) -> None:
+        super().__init__(Path(path))
+        self._tensors = dict(tensors)
+        self.config = dict(config or {})  # shadows the base class's config.json lookup
+
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._tensors[key].shape)
+
+    def _read(self, key: str) -> torch.Tensor:
+        return self._tensors[key]

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
-from .base import TensorStore
+from .base import MemoryStore, TensorStore, config_beside
 
 _TAG = re.compile(r"^global_step\d+$")
 
@@ -49,23 +49,6 @@ def _tag_and_parent(path: Path) -> tuple[str, Path]:
     return tags[-1], path
 
 
-class DictStore(TensorStore):
-    """Tensors already in memory (what DeepSpeed's consolidation returns)."""
-
-    def __init__(self, path: Path, tensors: dict[str, torch.Tensor]) -> None:
-        super().__init__(path)
-        self._tensors = tensors
-
-    def keys(self) -> list[str]:
-        return list(self._tensors)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._tensors[key].shape)
-
-    def _read(self, key: str) -> torch.Tensor:
-        return self._tensors[key]
-
-
 def open_zero(path: Path) -> TensorStore:
     """Consolidate through DeepSpeed if it is installed; else say how to.
 
@@ -90,4 +73,6 @@ def open_zero(path: Path) -> TensorStore:
         state = get_fp32_state_dict_from_zero_checkpoint(str(parent), tag=tag)
     except Exception as exc:  # DeepSpeed raises plain exceptions of many kinds
         raise InputError(f"DeepSpeed could not consolidate this ZeRO checkpoint ({exc})", path=path) from exc
-    return DictStore(parent / tag, {k: v for k, v in state.items() if isinstance(v, torch.Tensor)})
+    folder = parent / tag
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    return MemoryStore(tensors, folder, config_beside(folder))

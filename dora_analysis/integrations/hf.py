@@ -30,9 +30,9 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from ..containers import TensorStore, open_checkpoint
+from ..containers import MemoryStore, TensorStore, open_checkpoint
 from ..snapshot import FullSnapshot, Snapshot
-from .live import LiveDecomposition, MemoryStore, base_copy
+from .live import LiveDecomposition, base_copy
 
 
 class DecompositionCallback(TrainerCallback):

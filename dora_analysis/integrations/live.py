@@ -21,7 +21,7 @@ import torch
 
 from .. import names as nm
 from ..analysis import analyze
-from ..containers import TensorStore
+from ..containers import MemoryStore, TensorStore
 from ..metrics import Metric, build_metrics
 from ..runs import Run
 from ..snapshot import Snapshot
@@ -31,30 +31,6 @@ DECOMPOSITION_CSV = "decomposition.csv"
 DECOMPOSITION_PNG = "decomposition.png"
 # Prefix of the scalars sent to the trainer's loggers (TensorBoard groups tags by it).
 SCALAR_PREFIX = "decomposition"
-
-
-class MemoryStore(TensorStore):
-    """A :class:`TensorStore` over tensors already in memory (a live model's, or a copy).
-
-    Args:
-        tensors: Name -> tensor; read as they are, never copied or changed.
-        path: What messages name as the source (e.g. the run folder).
-        config: The model's config (``model_type`` decides the storage layout of some matrices).
-    """
-
-    def __init__(self, tensors: Mapping[str, torch.Tensor], path: Path, config: Mapping[str, Any] | None = None) -> None:
-        super().__init__(Path(path))
-        self._tensors = dict(tensors)
-        self.config = dict(config or {})  # shadows the base class's config.json lookup
-
-    def keys(self) -> list[str]:
-        return list(self._tensors)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._tensors[key].shape)
-
-    def _read(self, key: str) -> torch.Tensor:
-        return self._tensors[key]
 
 
 def base_copy(tensors: Mapping[str, torch.Tensor], modules: str | None, path: Path, config: Mapping[str, Any] | None) -> MemoryStore:

@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..adapters.peft import PeftLora
-from ..containers import open_checkpoint
+from ..containers import MemoryStore, open_checkpoint
 from ..errors import InputError
-from ..integrations.live import LiveDecomposition, MemoryStore
+from ..integrations.live import LiveDecomposition
 from ..names import match_names
 from ..peft_format import ADAPTER_SAFETENSORS
 from ..snapshot import FullSnapshot, Snapshot
