@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -159,10 +160,15 @@ class RayEngine:
     ) -> list[Record]:
         context = [ray.put((tasks, base, metrics, device, policy))]
         remote = _remote()
-        window = workers or len(tasks)  # tasks in flight at once
+        # Two tasks per worker in flight: each worker finds its next task queued when it finishes
+        # one, instead of idling for a round trip to the driver; Ray runs only as many at once as
+        # there are CPUs, so a queued task holds no memory.
+        window = 2 * workers if workers else len(tasks)
         results: dict[int, list[Record]] = {}
         pending: dict[Any, int] = {}
-        queue = iter(range(len(tasks)))
+        # Largest tasks first, so that no worker is left with the embedding while the others
+        # idle; records are still gathered in plan order.
+        queue = iter(sorted(range(len(tasks)), key=lambda i: -_work(tasks[i], base)))
         disable = None if progress is None else not progress
         with tqdm(total=sum(len(t.jobs) for t in tasks), desc="comparing", unit="matrix", disable=disable, leave=False) as bar:
             try:
@@ -180,6 +186,11 @@ class RayEngine:
                 for ref in pending:  # an error: nothing more is needed
                     ray.cancel(ref, force=False)
         return [record for index in range(len(tasks)) for record in results[index]]
+
+
+def _work(task: Task, base: TensorStore) -> int:
+    """A task's size for scheduling: elements of the base matrix times the matrices read."""
+    return math.prod(base.shape(task.name)) * (1 + len(task.jobs))
 
 
 def _get(ray: Any, ref: Any) -> list[Record]:
