@@ -33,10 +33,12 @@ everything smaller (QR factors, cores, norms, sums, entropies) in float64.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -219,6 +221,27 @@ class Change:
     memo: dict[str, object] = field(default_factory=dict)
 
 
+def check_tuned(tuned: torch.Tensor, change: Change) -> None:
+    """Raise ``ValueError("tuned ...")`` if the tuned side holds NaN or Inf, once per ``change``.
+
+    For W_t = W0 + s·B·A the spectral numbers come from W0 (checked when the base is
+    prepared) and the factors, never from the dense W_t, so the factors are what is checked:
+    r x (out + in) values instead of out x in, once however many metrics read them.
+    """
+    if change.memo.get("tuned_finite"):
+        return
+    update = change.update
+    if update is None:
+        check_finite(tuned, "tuned")
+    elif not (math.isfinite(update.scale) and _all_finite(update.up) and _all_finite(update.down)):
+        raise ValueError("tuned weight holds NaN or Inf (in the adapter's factors)")
+    change.memo["tuned_finite"] = True
+
+
+def _all_finite(matrix: torch.Tensor) -> bool:
+    return bool(torch.isfinite(matrix).all())
+
+
 def update_svd(base: torch.Tensor, tuned: torch.Tensor, change: Change) -> SVD:
     """Every singular triplet of dW = tuned - base (both ``[out, in]``), once per ``change``.
 
@@ -355,39 +378,58 @@ def _one_blas_thread() -> Iterator[None]:
     ARPACK's own work is on thin ``[p, ncv]`` blocks: threads only wait on each other there
     (measured on 2 shared cores, p = 2048, k = 10: 0.05 s on one thread, ~1 s on two).
     """
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # optional: the numbers are the same, only slower on a busy machine
+    controller = _blas_controller()
+    if controller is None:  # optional: the numbers are the same, only slower on a busy machine
         yield
         return
-    with threadpool_limits(limits=1, user_api="blas"):
+    with controller.limit(limits=1, user_api="blas"):
         yield
+
+
+@functools.cache
+def _blas_controller() -> Any:
+    """threadpoolctl's view of the loaded BLAS libraries, or None without threadpoolctl.
+
+    Made once: finding the libraries walks every loaded shared object (milliseconds), which
+    per ARPACK call would cost as much as the solve itself.
+    """
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        return None
+    return ThreadpoolController()
 
 
 def _arpack_top_left(diag: torch.Tensor, left: torch.Tensor, right: torch.Tensor, k: int) -> torch.Tensor:
-    """Top-k left singular vectors of ``diag(diag, 0) + left @ right.T`` by ARPACK (scipy
-    ``svds``, ``tol=0``: to machine precision), each product O(size · r) in torch, float64."""
-    from scipy.sparse.linalg import LinearOperator, svds
+    """Top-k left singular vectors of M = diag(diag, 0) + left @ right.T, by ARPACK on M M^T.
 
-    n_rows, n_cols, n_diag = left.shape[0], right.shape[0], diag.shape[0]
+    M M^T = D D^T + W C W^T with W = [left, D right] and C = [[right^T right, I], [I, 0]]: a
+    diagonal plus a rank-2r symmetric matrix, so one product costs O(size · r) in two thin
+    matrix products. Its top-k eigenvectors are M's top-k left singular vectors; ARPACK
+    (scipy ``eigsh``, ``tol=0``: to machine precision) finds them with one call back per
+    iteration, in numpy float64 (torch round trips per call would cost more than the product).
+    """
+    from scipy.sparse.linalg import LinearOperator, eigsh
 
-    def matvec(x: np.ndarray) -> np.ndarray:
-        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64)).reshape(n_cols, -1)
-        y = left @ (right.T @ t)
-        y[:n_diag] += diag[:, None] * t[:n_diag]
-        return y.numpy()
+    d, a, b = (t.numpy().astype(np.float64, copy=False) for t in (diag, left, right))
+    n_rows, n_diag, r = a.shape[0], d.shape[0], a.shape[1]
+    squares = np.zeros(n_rows)
+    squares[:n_diag] = d**2
+    d_b = np.zeros((n_rows, r))
+    d_b[:n_diag] = d[:, None] * b[:n_diag]
+    w = np.concatenate([a, d_b], axis=1)  # [n_rows, 2r]
+    c = np.block([[b.T @ b, np.eye(r)], [np.eye(r), np.zeros((r, r))]])
+    w_c = w @ c
 
-    def rmatvec(y: np.ndarray) -> np.ndarray:
-        t = torch.from_numpy(np.ascontiguousarray(y, dtype=np.float64)).reshape(n_rows, -1)
-        x = right @ (left.T @ t)
-        x[:n_diag] += diag[:, None] * t[:n_diag]
-        return x.numpy()
+    def gram(x: np.ndarray) -> np.ndarray:
+        x = x.reshape(n_rows, -1)
+        return squares[:, None] * x + w_c @ (w.T @ x)
 
-    op = LinearOperator((n_rows, n_cols), matvec=matvec, rmatvec=rmatvec, matmat=matvec, rmatmat=rmatvec, dtype=np.float64)
-    start = np.random.default_rng(0).standard_normal(min(n_rows, n_cols))  # deterministic
+    op = LinearOperator((n_rows, n_rows), matvec=gram, matmat=gram, dtype=np.float64)
+    start = np.random.default_rng(0).standard_normal(n_rows)  # deterministic
     with _one_blas_thread():
-        u, s, _ = svds(op, k=k, tol=0, v0=start, which="LM", solver="arpack")
-    return torch.from_numpy(np.ascontiguousarray(u[:, np.argsort(-s, kind="stable")]))
+        values, vectors = eigsh(op, k=k, which="LA", tol=0, v0=start)
+    return torch.from_numpy(np.ascontiguousarray(vectors[:, np.argsort(-values, kind="stable")]))
 
 
 def lowrank_max_similarity(base: SVD, update: LowRank, k: int) -> torch.Tensor:

@@ -222,6 +222,28 @@ def test_nan_names_the_side() -> None:
         measure("intruders", bad, w0)
 
 
+@pytest.mark.parametrize("metric", ["spectrum", "intruders", "amplification"])
+@pytest.mark.parametrize("factor", ["up", "down"])
+def test_nan_in_a_lora_factor_is_a_tuned_error(metric: str, factor: str) -> None:
+    # The low-rank path reads the factors, not the dense W_t, so the factors are what is checked.
+    w0 = torch.randn(12, 9)
+    update = low_rank(12, 9, 2)
+    getattr(update, factor)[1, 1] = float("nan")
+    wt = w0 + torch.nan_to_num(update.dense(torch.float32))  # a finite W_t: only the factors say
+    with pytest.raises(ValueError, match=r"^tuned weight holds NaN or Inf"):
+        measure(metric, w0, wt, sp.Change(update=update, rank=2))
+
+
+def test_the_tuned_side_is_checked_once_per_change(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    monkeypatch.setattr(sp, "check_finite", lambda matrix, side: calls.append(side))
+    w0, change = torch.randn(6, 5), sp.Change()
+    wt = w0 + 0.1 * torch.randn(6, 5)
+    for name in ("spectrum", "intruders", "amplification"):
+        measure(name, w0, wt, change)
+    assert calls.count("tuned") == 1
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_check_finite_finds_any_nan_or_inf(bad: float) -> None:
     matrix = torch.randn(5, 4)

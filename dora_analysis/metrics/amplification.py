@@ -48,7 +48,7 @@ class Amplification(UpdateMetric):
 
     def measure(self, state: BaseMatrix, tuned: torch.Tensor, change: sp.Change | None = None) -> dict[str, object]:
         change = change or sp.Change()
-        full = sp.update_svd(state.weight, tuned_matrix(state, tuned), change)
+        full = sp.update_svd(state.weight, tuned_matrix(state, tuned, change), change)
         r = min(change.rank or self.rank, full.S.shape[0])
         top = sp.SVD(full.U[:, :r], full.S[:r], full.V[:, :r])
         dw_fro = float(torch.sqrt((full.S.to(torch.float64) ** 2).sum()))

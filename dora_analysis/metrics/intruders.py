@@ -93,12 +93,16 @@ class IntruderDimensions:
         sp.check_finite(w0, "base")
         # The one full SVD of the base matrix; kept between runs when the engine has a cache.
         factors = ctx.remember(sp.BASE_SVD_LABEL, lambda: sp.svd_tensors(sp.decompose_base(w0)))
-        return BaseSpectrum(sp.svd_from_tensors(factors), ctx.fan_in_fan_out)
+        # Held in float64, the precision every comparison with it runs in: converted once per
+        # base matrix here, not once per tuned version.
+        svd = sp.svd_from_tensors(factors)
+        return BaseSpectrum(sp.SVD(*(t.to(torch.float64) for t in (svd.U, svd.S, svd.V))), ctx.fan_in_fan_out)
 
     def measure(self, state: BaseSpectrum, tuned: torch.Tensor, change: sp.Change | None = None) -> dict[str, object]:
-        update = None if change is None else change.update
+        change = change or sp.Change()
+        update = change.update
         w = sp.as_matrix(tuned, fan_in_fan_out=state.fan_in_fan_out)
-        sp.check_finite(w, "tuned")
+        sp.check_tuned(w, change)
         k = min(self.k, min(w.shape))
         if update is not None:
             similarity = sp.lowrank_max_similarity(state.svd, update, k)

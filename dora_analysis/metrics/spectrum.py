@@ -38,10 +38,10 @@ def prepare_base(base: torch.Tensor, ctx: MatrixContext) -> BaseMatrix:
     return BaseMatrix(w0, float(torch.linalg.vector_norm(w0.to(torch.float64))), ctx.fan_in_fan_out)
 
 
-def tuned_matrix(base: BaseMatrix, tuned: torch.Tensor) -> torch.Tensor:
-    """A tuned weight in the base's analysed layout, checked finite."""
+def tuned_matrix(base: BaseMatrix, tuned: torch.Tensor, change: sp.Change) -> torch.Tensor:
+    """A tuned weight in the base's analysed layout, checked finite (once per tuned matrix)."""
     w = sp.as_matrix(tuned, fan_in_fan_out=base.fan_in_fan_out)
-    sp.check_finite(w, "tuned")
+    sp.check_tuned(w, change)
     return w
 
 
@@ -110,7 +110,7 @@ class UpdateSpectrum(UpdateMetric):
 
     def measure(self, state: BaseMatrix, tuned: torch.Tensor, change: sp.Change | None = None) -> dict[str, object]:
         change = change or sp.Change()
-        w = tuned_matrix(state, tuned)
+        w = tuned_matrix(state, tuned, change)
         s = sp.update_svd(state.weight, w, change).S
         spec = sp.spectrum(s)
         return {
@@ -125,7 +125,7 @@ class UpdateSpectrum(UpdateMetric):
         """dW's top-r left singular vectors ``[out, r]`` (r: the adapter's rank, else ``rank``),
         for the subspace similarity between runs and steps."""
         change = change or sp.Change()
-        full = sp.update_svd(state.weight, tuned_matrix(state, tuned), change)
+        full = sp.update_svd(state.weight, tuned_matrix(state, tuned, change), change)
         r = change.rank or self.rank
         return full.U[:, : min(r, full.U.shape[1])]
 
