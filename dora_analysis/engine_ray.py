@@ -1,9 +1,10 @@
 """The ``ray`` engine: a plan's tasks as Ray tasks, on one machine or a cluster.
 
-Each plan task (one base matrix, every tuned version of it) becomes one Ray task that runs
-:func:`~dora_analysis.engine.execute_task`, the same function the serial engine runs, so the
-numbers are the same bit for bit; records come back in plan order, so ``layers.csv`` is
-byte-identical. What travels:
+Plan tasks (one base matrix, every tuned version of it) go to Ray in batches, the largest
+tasks first and alone, the small ones grouped (a Ray task costs milliseconds to schedule); a
+worker runs each with :func:`~dora_analysis.engine.execute_task`, the same function the serial
+engine runs, so the numbers are the same bit for bit; records are put back in plan order, so
+``layers.csv`` is byte-identical. What travels:
 
 * the plan, the base store and the metrics are put in Ray's object store once. Stores travel
   as paths (each reopens its files, reading headers only, on first use in a worker), so every
@@ -13,8 +14,9 @@ byte-identical. What travels:
 Per task, a worker holds what the serial walk holds: the base matrix, one tuned matrix, the
 metrics' per-base state. Failures:
 
-* bad input inside a task (an :class:`~dora_analysis.errors.InputError`) is not retried: it
-  comes back as the same error, the other tasks are cancelled, nothing is written;
+* bad input inside a task (an :class:`~dora_analysis.errors.InputError`) is not retried: the
+  error shown is the serial engine's, that of the first bad task in plan order (tasks after it
+  are cancelled, those before it finish), and nothing is written;
 * a worker process that dies (killed, out of memory) is retried by Ray on another worker
   (``max_retries``); tasks are pure reads, so a retry gives the same records;
 * if the driver (the ``dora-analyze`` process) dies, Ray cancels its tasks and the run is lost:
@@ -25,6 +27,7 @@ Ray is an optional extra: ``pip install 'dora-analysis[ray]'``.
 
 from __future__ import annotations
 
+import collections
 import errno
 import functools
 import math
@@ -43,6 +46,11 @@ from .plan import Task
 
 # How often Ray reruns a task whose worker process died (Ray's own default is 3).
 MAX_RETRIES = 3
+
+# Plan tasks travel in batches, about this many per CPU: a Ray task costs ~2 ms to schedule and
+# return (measured with no-op tasks on 2 cores), as much as comparing one small matrix, while
+# batches of about 1/8 of a worker's share keep the workers evenly loaded to the end.
+BATCHES_PER_CPU = 8
 
 # Test-only: a file path; the first task attempt that finds no file there creates it and kills
 # its own worker process (os._exit), so tests can check that Ray's retry gives the same result.
@@ -75,8 +83,12 @@ def _crash_once(marker: str) -> None:
     os._exit(1)
 
 
-def _task(context: list[Any], index: int, crash_marker: str | None) -> list[Record]:
-    """One plan task, in a Ray worker (``context`` is ``[ObjectRef]``, so it arrives unresolved)."""
+def _task(context: list[Any], batch: list[int], crash_marker: str | None) -> tuple[list[list[Record]], InputError | None]:
+    """A batch of plan tasks, in a Ray worker (``context`` is ``[ObjectRef]``, so it arrives unresolved).
+
+    Returns the records of each task, in the batch's order, up to the first with bad input,
+    and that task's error (None if there was none): the driver decides which error to show.
+    """
     (ref,) = context
     key = ref.hex()
     if key not in _CONTEXT:
@@ -87,7 +99,13 @@ def _task(context: list[Any], index: int, crash_marker: str | None) -> list[Reco
     tasks, base, metrics, device, policy = _CONTEXT[key]
     if crash_marker is not None:
         _crash_once(crash_marker)
-    return execute_task(tasks[index], base, metrics, device=device, policy=policy)
+    done: list[list[Record]] = []
+    for index in batch:
+        try:
+            done.append(execute_task(tasks[index], base, metrics, device=device, policy=policy))
+        except InputError as exc:
+            return done, exc
+    return done, None
 
 
 @functools.cache
@@ -160,32 +178,71 @@ class RayEngine:
     ) -> list[Record]:
         context = [ray.put((tasks, base, metrics, device, policy))]
         remote = _remote()
-        # Two tasks per worker in flight: each worker finds its next task queued when it finishes
-        # one, instead of idling for a round trip to the driver; Ray runs only as many at once as
-        # there are CPUs, so a queued task holds no memory.
-        window = 2 * workers if workers else len(tasks)
+        cpus = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        batches = _batches(tasks, base, cpus)
+        # Two batches per CPU in flight: each worker finds its next one queued when it finishes
+        # one, instead of idling for a round trip to the driver; Ray runs only as many at once
+        # as there are CPUs, so a queued batch holds no memory.
+        window = 2 * cpus
         results: dict[int, list[Record]] = {}
-        pending: dict[Any, int] = {}
-        # Largest tasks first, so that no worker is left with the embedding while the others
-        # idle; records are still gathered in plan order.
-        queue = iter(sorted(range(len(tasks)), key=lambda i: -_work(tasks[i], base)))
+        pending: dict[Any, list[int]] = {}
+        waiting = collections.deque(batches)
+        # Bad input: the error shown is the one the serial engine shows, that of the first bad
+        # task in plan order. Once task i failed, tasks after i are not needed (cancelled), and
+        # those before i still run, in case one of them fails too.
+        first_error: tuple[int, InputError] | None = None
+
+        def needed(batch: list[int]) -> bool:
+            return first_error is None or batch[0] < first_error[0]
+
         disable = None if progress is None else not progress
         with tqdm(total=sum(len(t.jobs) for t in tasks), desc="comparing", unit="matrix", disable=disable, leave=False) as bar:
             try:
-                while len(results) < len(tasks):
-                    for index in queue:
-                        pending[remote.remote(context, index, _TEST_CRASH_ONCE)] = index
-                        if len(pending) >= window:
-                            break
+                while True:
+                    while waiting and len(pending) < window:
+                        batch = waiting.popleft()
+                        if needed(batch):
+                            pending[remote.remote(context, batch, _TEST_CRASH_ONCE)] = batch
+                    for ref in [ref for ref, batch in pending.items() if not needed(batch)]:
+                        ray.cancel(ref, force=False)
+                        del pending[ref]
+                    if not pending:
+                        break
                     done, _ = ray.wait(list(pending), num_returns=1)
                     for ref in done:
-                        index = pending.pop(ref)
-                        results[index] = _get(ray, ref)
-                        bar.update(len(tasks[index].jobs))
+                        batch = pending.pop(ref)
+                        records, error = _get(ray, ref)
+                        for index, task_records in zip(batch, records):
+                            results[index] = task_records
+                            bar.update(len(tasks[index].jobs))
+                        if error is not None:
+                            index = batch[len(records)]
+                            if first_error is None or index < first_error[0]:
+                                first_error = (index, error)
             finally:
-                for ref in pending:  # an error: nothing more is needed
+                for ref in pending:  # an exception other than bad input: nothing more is needed
                     ray.cancel(ref, force=False)
+        if first_error is not None:
+            raise first_error[1]
         return [record for index in range(len(tasks)) for record in results[index]]
+
+
+def _batches(tasks: list[Task], base: TensorStore, cpus: int) -> list[list[int]]:
+    """Plan task indices in batches, largest tasks first (so that no worker is left alone with
+    the embedding at the end): consecutive tasks join a batch until it holds
+    1 / (BATCHES_PER_CPU x cpus) of the work; a task larger than that is a batch of its own."""
+    work = [_work(task, base) for task in tasks]
+    share = sum(work) / (BATCHES_PER_CPU * cpus)
+    batches: list[list[int]] = [[]]
+    size = 0
+    for index in sorted(range(len(tasks)), key=lambda i: -work[i]):
+        if size >= share:
+            batches.append([])
+            size = 0
+        batches[-1].append(index)
+        size += work[index]
+    # Within a batch, plan order: a task that fails then leaves only later tasks undone.
+    return [sorted(batch) for batch in batches]
 
 
 def _work(task: Task, base: TensorStore) -> int:
@@ -193,14 +250,14 @@ def _work(task: Task, base: TensorStore) -> int:
     return math.prod(base.shape(task.name)) * (1 + len(task.jobs))
 
 
-def _get(ray: Any, ref: Any) -> list[Record]:
-    """A task's records; an exception raised in the task is raised here as itself."""
+def _get(ray: Any, ref: Any) -> tuple[list[list[Record]], InputError | None]:
+    """A batch's records and bad-input error; another exception raised in it is raised here as itself."""
     try:
         return ray.get(ref)
     except ray.exceptions.RayTaskError as exc:
         cause = exc.cause
         if isinstance(cause, BaseException):
-            raise cause from None  # InputError stays InputError: one line, exit 2
+            raise cause from None  # the task's own exception, not Ray's wrapper
         raise
 
 

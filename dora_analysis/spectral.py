@@ -373,30 +373,22 @@ def top_left_lowrank(base: SVD, update: LowRank, k: int) -> tuple[torch.Tensor, 
 
 @contextmanager
 def _one_blas_thread() -> Iterator[None]:
-    """numpy / scipy BLAS on one thread while ARPACK runs, when threadpoolctl is installed.
+    """numpy / scipy BLAS on one thread while ARPACK runs.
 
     ARPACK's own work is on thin ``[p, ncv]`` blocks: threads only wait on each other there
     (measured on 2 shared cores, p = 2048, k = 10: 0.05 s on one thread, ~1 s on two).
     """
-    controller = _blas_controller()
-    if controller is None:  # optional: the numbers are the same, only slower on a busy machine
-        yield
-        return
-    with controller.limit(limits=1, user_api="blas"):
+    with _blas_controller().limit(limits=1, user_api="blas"):
         yield
 
 
 @functools.cache
 def _blas_controller() -> Any:
-    """threadpoolctl's view of the loaded BLAS libraries, or None without threadpoolctl.
+    """threadpoolctl's view of the loaded BLAS libraries, made once (after scipy is imported):
+    finding them walks every loaded shared object, milliseconds that per ARPACK call would
+    cost as much as the solve itself."""
+    from threadpoolctl import ThreadpoolController
 
-    Made once: finding the libraries walks every loaded shared object (milliseconds), which
-    per ARPACK call would cost as much as the solve itself.
-    """
-    try:
-        from threadpoolctl import ThreadpoolController
-    except ImportError:
-        return None
     return ThreadpoolController()
 
 

@@ -10,6 +10,7 @@ import json
 import math
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -97,6 +98,40 @@ def test_bad_input_in_a_task_is_the_same_error(
         errors.append(capsys.readouterr().err)
     assert errors[0] == errors[1]
     assert errors[0].count("\n") == 1 and victim in errors[0] and "bad.safetensors" in errors[0]
+
+
+def test_with_two_bad_tasks_the_error_is_the_first_in_plan_order(
+    ray_cluster, tiny_bert: tuple[Path, dict], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The larger bad matrix comes later in the plan but is sent first (largest tasks first, one
+    # task per batch here), so its error comes back first; the serial engine names the earlier.
+    monkeypatch.setattr(engine_ray, "BATCHES_PER_CPU", 10**9)
+    base_dir, base = tiny_bert
+    early, late = "encoder.layer.0.attention.self.query.weight", "encoder.layer.2.intermediate.dense.weight"
+    assert base[late].numel() > base[early].numel()
+    bad = dict(base)
+    for victim in (early, late):
+        bad[victim] = bad[victim].clone()
+        bad[victim][1, 1] = math.nan
+    save_file({k: v.contiguous() for k, v in bad.items()}, tmp_path / "bad.safetensors")
+    errors = []
+    for engine in ("serial", "ray"):
+        args = [str(base_dir), str(tmp_path / "bad.safetensors"), "--all-modules", "--quiet", "--out", str(tmp_path / engine)]
+        assert main([*args, "--engine", engine]) == 2
+        errors.append(capsys.readouterr().err)
+    assert errors[0] == errors[1] and early in errors[0]
+
+
+def test_batches_cover_the_plan_once_largest_first() -> None:
+    class Shapes:
+        def shape(self, name: str) -> tuple[int, ...]:
+            return (int(name), 1)
+
+    tasks = [SimpleNamespace(name=str(size), jobs=(None,)) for size in (5, 100, 1, 1, 1, 1, 60, 2, 2, 1)]
+    batches = engine_ray._batches(tasks, Shapes(), cpus=2)  # type: ignore[arg-type]
+    assert sorted(i for b in batches for i in b) == list(range(len(tasks)))
+    assert batches[:2] == [[1], [6]]  # the two largest, each alone (each is over 1/16 of the work)
+    assert all(b == sorted(b) for b in batches)  # plan order within a batch
 
 
 def test_a_killed_worker_is_retried_with_the_same_result(
