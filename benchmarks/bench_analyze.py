@@ -15,9 +15,14 @@ show that peak memory does not grow with the model.
 Targets (issue "Core"): analyze / read <= 1.3; peak RSS <= 3 x the largest float32 matrix
 + 500 MB, about the same for the twice-as-large model.
 
+With --engines, instead: serial against the ray engine with 1 and 2 workers, and with 2 workers
+sending every plan task as its own Ray task (unbatched), interleaved, medians; what one Ray task
+costs beyond its work (no-op tasks); and the peak RSS of the pair saved as .bin files.
+
 Usage:
     python benchmarks/bench_analyze.py                 # 8 and 16 layers (~1.1 and ~1.9 GB)
     python benchmarks/bench_analyze.py --layers 2 --repeats 1 --no-double   # quick look
+    python benchmarks/bench_analyze.py --engines --layers 8 --repeats 5     # the engine rows
 """
 
 from __future__ import annotations
@@ -112,6 +117,10 @@ def _warm_worker() -> int:
     return os.getpid()
 
 
+def _noop(i: int) -> list[dict[str, float]]:
+    return [{"index": float(i)}]  # a record's size
+
+
 def child(mode: str, base: str, tuned: str) -> None:
     """Run one measurement in this (fresh) process; print JSON with seconds and peak RSS."""
     # Imports happen before the clock starts: the benchmark times work, not interpreter start-up.
@@ -135,7 +144,11 @@ def child(mode: str, base: str, tuned: str) -> None:
             # Ray starts before the clock, as imports do: a cluster is started once per session.
             import ray
 
-            workers = int(mode[3:])
+            from dora_analysis import engine_ray
+
+            workers = int(mode[3:].removesuffix("-unbatched").removesuffix("-noop"))
+            if mode.endswith("-unbatched"):
+                engine_ray.BATCHES_PER_CPU = 10**9  # every plan task its own Ray task
             ray.init(num_cpus=workers, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
             # Ray starts its worker processes on first use, and each then imports torch and the
             # package: seconds of start-up that a cluster pays once, not per analysis. Start and
@@ -144,6 +157,16 @@ def child(mode: str, base: str, tuned: str) -> None:
             ray.get([warm.remote() for _ in range(workers)])
             engine = "ray"
             t0 = time.perf_counter()
+            if mode == "ray1-noop":
+                # What one Ray task costs beyond its work: 200 no-op tasks, two in flight.
+                noop = ray.remote(num_cpus=1)(_noop)
+                pending = [noop.remote(i) for i in range(2)]
+                for i in range(2, 200):
+                    _, pending = ray.wait(pending, num_returns=1)
+                    pending.append(noop.remote(i))
+                ray.get(pending)
+                print(json.dumps({"mode": mode, "seconds": (time.perf_counter() - t0) / 200, "peak_rss_mb": 0.0, "items": 200}))
+                return
         df = analyze(base, tuned, all_modules=True, progress=False, engine=engine, engine_options=options)
         total = len(df)
     seconds = time.perf_counter() - t0
@@ -210,21 +233,24 @@ def bench_engines(root: Path, layers: int, repeats: int) -> None:
     if not base.is_dir():
         base, tuned = write_pair(root / f"L{layers}", layers)
     measure("read", base, tuned)  # page cache
-    times: dict[str, list[float]] = {"analyze": [], "ray1": [], "ray2": []}
+    times: dict[str, list[float]] = {"analyze": [], "ray1": [], "ray2": [], "ray2-unbatched": []}
     rss: dict[str, float] = {}
     for i in range(repeats):
         for mode in times:
             r = measure(mode, base, tuned)
             times[mode].append(r["seconds"])
             rss[mode] = max(rss.get(mode, 0.0), r["peak_rss_mb"])
-            print(f"  engines run {i + 1} {mode:8s} {r['seconds']:7.2f} s   peak RSS {r['peak_rss_mb']:7.0f} MB", flush=True)
+            print(f"  engines run {i + 1} {mode:14s} {r['seconds']:7.2f} s   peak RSS {r['peak_rss_mb']:7.0f} MB", flush=True)
     serial = statistics.median(times["analyze"])
     print(f"\nengines on {layers} layers (median of {repeats}; Ray's start-up outside the clock, like imports)")
-    print("engine     seconds  speedup vs serial  driver peak RSS")
-    for mode, label in (("analyze", "serial"), ("ray1", "ray x1"), ("ray2", "ray x2")):
+    print("engine             seconds  speedup vs serial  driver peak RSS")
+    labels = (("analyze", "serial"), ("ray1", "ray x1"), ("ray2", "ray x2"), ("ray2-unbatched", "ray x2 unbatched"))
+    for mode, label in labels:
         t = statistics.median(times[mode])
-        print(f"{label:8s} {t:9.2f}  {serial / t:17.2f}  {rss[mode]:12.0f} MB")
+        print(f"{label:16s} {t:9.2f}  {serial / t:17.2f}  {rss[mode]:12.0f} MB")
     print(f"target: ray x2 >= 1.5 x serial: {'met' if serial / statistics.median(times['ray2']) >= 1.5 else 'MISSED'}")
+    noop = measure("ray1-noop", base, tuned)
+    print(f"one Ray task's own cost (200 no-op tasks on one worker, two in flight): {noop['seconds'] * 1e3:.1f} ms")
     bin_base, bin_tuned = write_bin_pair(base, tuned, root / f"L{layers}")
     measure("read", base, tuned)
     st = measure("analyze", base, tuned)

@@ -7,8 +7,8 @@ engine runs, so the numbers are the same bit for bit; records are put back in pl
 ``layers.csv`` is byte-identical. What travels:
 
 * the plan, the base store and the metrics are put in Ray's object store once. Stores travel
-  as paths (each reopens its files, reading headers only, on first use in a worker), so every
-  node must see the same paths: a shared file system;
+  as paths (each reopens its files, reading headers only, once per worker), so every node must
+  see the same paths: a shared file system;
 * each task sends back its records (a few numbers per tuned matrix), never a tensor.
 
 Per task, a worker holds what the serial walk holds: the base matrix, one tuned matrix, the
@@ -32,6 +32,8 @@ import errno
 import functools
 import math
 import os
+import pickle
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -56,7 +58,7 @@ BATCHES_PER_CPU = 8
 # its own worker process (os._exit), so tests can check that Ray's retry gives the same result.
 _TEST_CRASH_ONCE: str | None = None
 
-# In each worker: the plan it was last sent, by object id, so that stores are reopened once per
+# In each worker: the plan it was last sent, by plan id, so that stores are reopened once per
 # worker rather than once per task.
 _CONTEXT: dict[str, Any] = {}
 
@@ -83,20 +85,23 @@ def _crash_once(marker: str) -> None:
     os._exit(1)
 
 
-def _task(context: list[Any], batch: list[int], crash_marker: str | None) -> tuple[list[list[Record]], InputError | None]:
-    """A batch of plan tasks, in a Ray worker (``context`` is ``[ObjectRef]``, so it arrives unresolved).
+def _task(context: tuple[str, bytes], batch: list[int], crash_marker: str | None) -> tuple[list[list[Record]], InputError | None]:
+    """A batch of plan tasks, in a Ray worker.
+
+    ``context`` is the plan's id and the plan pickled by the driver (as Ray pickles every
+    argument; never bytes read from a file): Ray resolves it before the task starts, and it is
+    unpickled (stores reopened) once per worker. Not an ObjectRef fetched here with
+    ``ray.get``: a worker blocked in ``ray.get`` lends its CPU back, Ray starts another task on
+    another worker in the meantime, and more tasks than CPUs then run at once.
 
     Returns the records of each task, in the batch's order, up to the first with bad input,
     and that task's error (None if there was none): the driver decides which error to show.
     """
-    (ref,) = context
-    key = ref.hex()
-    if key not in _CONTEXT:
-        import ray
-
+    plan_id, blob = context
+    if plan_id not in _CONTEXT:
         _CONTEXT.clear()  # one plan at a time: drop the previous plan's open stores
-        _CONTEXT[key] = ray.get(ref)
-    tasks, base, metrics, device, policy = _CONTEXT[key]
+        _CONTEXT[plan_id] = pickle.loads(blob)
+    tasks, base, metrics, device, policy = _CONTEXT[plan_id]
     if crash_marker is not None:
         _crash_once(crash_marker)
     done: list[list[Record]] = []
@@ -176,7 +181,7 @@ class RayEngine:
         progress: bool | None,
         workers: int | None,
     ) -> list[Record]:
-        context = [ray.put((tasks, base, metrics, device, policy))]
+        context = ray.put((uuid.uuid4().hex, pickle.dumps((tasks, base, metrics, device, policy), protocol=5)))
         remote = _remote()
         cpus = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
         batches = _batches(tasks, base, cpus)

@@ -8,8 +8,12 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 
+# PEFT's: PeftModel wraps the model as ``base_model`` (the LoraModel), which holds the user's
+# model as ``model``; every key an adapter saves starts with it (see peft_format).
+PEFT_PREFIX = "base_model.model."
+
 # Prefixes that wrappers add around the same model: DDP/DataParallel, torch.compile, PEFT.
-WRAPPER_PREFIXES = ("module.", "_orig_mod.", "base_model.model.")
+WRAPPER_PREFIXES = ("module.", "_orig_mod.", PEFT_PREFIX)
 
 # Model types whose attention/MLP matrices are GPT-2 ``Conv1D`` ([in, out]).
 CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "decision_transformer", "imagegpt"})

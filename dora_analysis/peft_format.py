@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import math
 
+from .names import PEFT_PREFIX
+
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_SAFETENSORS = "adapter_model.safetensors"
 ADAPTER_BIN = "adapter_model.bin"
@@ -23,9 +25,7 @@ ADAPTER_BIN = "adapter_model.bin"
 # safetensors by default; older versions and ``safe_serialization=False`` write .bin).
 ADAPTER_WEIGHTS: tuple[str, ...] = (ADAPTER_SAFETENSORS, ADAPTER_BIN)
 
-# Every key starts with this: PeftModel wraps the model as ``base_model`` (the LoraModel), which
-# holds the user's model as ``model``.
-PEFT_PREFIX = "base_model.model."
+# Every key starts with PEFT_PREFIX (defined with the other wrapper prefixes, in names).
 
 # DoRA's magnitude m is saved without ".weight": "we want the state_dict format not to change,
 # we remove the "weight" part" (``LoraModel._get_adapter_state_dict``).

@@ -7,6 +7,7 @@ a run needs only the step to continue the same data stream.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import random
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 
 from ..errors import InputError
-from .config import Noise, Words
+from .config import Noise, TrainConfig, Words
 
 # The synthetic task's words: 12 nouns, and 10 positive + 10 negative adjectives per word set
 # (the keys are config.Words, the choices of --words).
@@ -46,14 +47,18 @@ class Example:
     label: int
 
 
+# The synthetic task's defaults are the trainer's.
+_TRAINER_DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+
+
 def synthetic_task(
-    n: int = 4000,
+    n: int = _TRAINER_DEFAULTS["synthetic_size"],
     *,
     seed: int = 0,
-    negation_p: float = 0.3,
-    flip_p: float = 0.2,
-    noise: Noise = "example",
-    words: Words = "rare",
+    negation_p: float = _TRAINER_DEFAULTS["synthetic_negation_p"],
+    flip_p: float = _TRAINER_DEFAULTS["synthetic_flip_p"],
+    noise: Noise = _TRAINER_DEFAULTS["synthetic_noise"],
+    words: Words = _TRAINER_DEFAULTS["synthetic_words"],
 ) -> list[Example]:
     """Sentences ``"the {noun} was [not ]{adjective}"`` labelled by their meaning, with noise.
 
