@@ -3,9 +3,10 @@
 torch distributed checkpoints (``torch.distributed.checkpoint.save``), the Hugging Face cache
 (``huggingface_hub``'s own cache layout, resolved with ``HF_HUB_OFFLINE=1``), torchtune
 ``epoch_N/`` runs (saved as torchtune saves them: ``model-0000K-of-0000M.safetensors`` + index,
-here by ``transformers``' ``save_pretrained``), Accelerate ``save_state`` runs, Lightning
-``.ckpt`` files, DeepSpeed ZeRO folders (refused with the command that consolidates them),
-torchtune DoRA adapters (refused).
+here by ``transformers``' ``save_pretrained``), Accelerate ``save_state`` runs, PyTorch
+Lightning ``.ckpt`` runs (``ModelCheckpoint`` during a short ``fit``), DeepSpeed ZeRO folders
+(refused with the command that consolidates them; the layout only, as DeepSpeed needs a GPU or
+oneCCL to write one), torchtune DoRA adapters (refused).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from dora_analysis.cli.analyze import main
 from dora_analysis.containers import open_checkpoint
 
 QUERY = r"attention\.self\.query"
+QUERY_WEIGHT = "encoder.layer.0.attention.self.query.weight"
 
 
 def _perturb(state: dict[str, torch.Tensor], seed: int, scale: float = 0.03) -> dict[str, torch.Tensor]:
@@ -225,22 +227,43 @@ def test_accelerate_save_state_run(tiny_bert: tuple[Path, dict], tmp_path: Path)
 
 
 def test_lightning_ckpt_files(tiny_bert: tuple[Path, dict], tmp_path: Path) -> None:
-    """ModelCheckpoint's files: a pickle whose state_dict carries the LightningModule's `model.`."""
+    """A run of ModelCheckpoint's files, written by PyTorch Lightning training the base for 4 steps."""
+    pl = pytest.importorskip("pytorch_lightning")
+    from torch.utils.data import DataLoader, TensorDataset
+    from transformers import BertModel
+
     base_dir, base = tiny_bert
+
+    class Module(pl.LightningModule):  # the usual shape: the network as self.model
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = BertModel.from_pretrained(base_dir)
+
+        def training_step(self, batch: list[torch.Tensor], _: int) -> torch.Tensor:
+            return self.model(input_ids=batch[0]).last_hidden_state.pow(2).mean()
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+    torch.manual_seed(0)
+    data = DataLoader(TensorDataset(torch.randint(0, 64, (16, 8))), batch_size=4)
+    saver = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "checkpoints", every_n_train_steps=2, save_top_k=-1, save_last=True)
+    trainer = pl.Trainer(
+        max_steps=4, callbacks=[saver], logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu"
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Lightning's advice on workers and loggers
+        trainer.fit(Module(), data)
+    files = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert files == ["epoch=0-step=2.ckpt", "epoch=0-step=4.ckpt", "last.ckpt"]  # last.ckpt: no step, not a step
     tuned = {}
-    (tmp_path / "checkpoints").mkdir()
-    for epoch, step in enumerate((50, 100)):
-        tuned[step] = _perturb(base, seed=step)
-        ckpt = {
-            "epoch": epoch, "global_step": step, "pytorch-lightning_version": "2.4.0",
-            "state_dict": {"model." + k: v for k, v in tuned[step].items()},
-            "loops": {}, "callbacks": {}, "optimizer_states": [], "lr_schedulers": [],
-        }  # fmt: skip
-        torch.save(ckpt, tmp_path / "checkpoints" / f"epoch={epoch}-step={step}.ckpt")
-    torch.save(ckpt, tmp_path / "checkpoints" / "last.ckpt")  # no step in the name: not a step
+    for step in (2, 4):
+        saved = torch.load(tmp_path / "checkpoints" / f"epoch=0-step={step}.ckpt", weights_only=True)["state_dict"]
+        tuned[step] = {k.removeprefix("model."): v for k, v in saved.items()}
+        assert not torch.equal(tuned[step][QUERY_WEIGHT], base[QUERY_WEIGHT])  # training moved it
     _check(da.analyze(base_dir, tmp_path / "checkpoints", modules=QUERY), base, tuned)
-    single = da.analyze(base_dir, tmp_path / "checkpoints" / "epoch=1-step=100.ckpt", modules=QUERY)
-    _check(single, base, {100: tuned[100]})
+    single = da.analyze(base_dir, tmp_path / "checkpoints" / "epoch=0-step=4.ckpt", modules=QUERY)
+    _check(single, base, {4: tuned[4]})
 
 
 def test_deepspeed_zero_folder_is_refused_with_the_command(
