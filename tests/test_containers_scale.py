@@ -15,6 +15,9 @@ import hashlib
 import json
 import os
 import pickle
+import shutil
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -266,9 +269,15 @@ def test_lightning_ckpt_files(tiny_bert: tuple[Path, dict], tmp_path: Path) -> N
     _check(single, base, {4: tuned[4]})
 
 
+def _without_deepspeed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # import deepspeed... -> ImportError
+    monkeypatch.setitem(sys.modules, "deepspeed.utils", None)
+
+
 def test_deepspeed_zero_folder_is_refused_with_the_command(
-    tiny_bert: tuple[Path, dict], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tiny_bert: tuple[Path, dict], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Without DeepSpeed: the layout alone is recognised, and the message is the command to run."""
     base_dir, _ = tiny_bert
     save = tmp_path / "ds"
     for step in (10, 20):
@@ -278,16 +287,84 @@ def test_deepspeed_zero_folder_is_refused_with_the_command(
         torch.save({}, tag / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt")
     (save / "latest").write_text("global_step20")
     (save / "zero_to_fp32.py").write_text("# written by DeepSpeed\n")
-    try:
-        import deepspeed  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        pytest.skip("deepspeed is installed: it would consolidate instead")
+    _without_deepspeed(monkeypatch)
     assert main([str(base_dir), str(save), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "DeepSpeed ZeRO checkpoint" in err
     assert f"python {save}/zero_to_fp32.py {save} {save}/global_step10_fp32 -t global_step10" in err
+
+
+@pytest.fixture(scope="module")
+def zero_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, torch.Tensor], Path]:
+    """ZeRO-2 fp32 and ZeRO-3 bf16 runs of 2 steps, written by DeepSpeed (tests/_deepspeed_writer.py)."""
+    pytest.importorskip("deepspeed")
+    from safetensors.torch import load_file
+    from transformers import BertConfig, BertModel
+
+    root = tmp_path_factory.mktemp("zero")
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=48, max_position_embeddings=16
+    )
+    BertModel(cfg).save_pretrained(root / "base")
+    writer = Path(__file__).with_name("_deepspeed_writer.py")
+    # The first DeepSpeed run on a machine compiles its shared-memory op (~30 s on 2 cores).
+    done = subprocess.run(
+        [sys.executable, str(writer), str(root / "base"), str(root / "runs")], capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return root / "base", load_file(root / "base" / "model.safetensors"), root / "runs"
+
+
+@pytest.mark.parametrize("config", ["zero2-fp32", "zero3-bf16"])
+def test_deepspeed_zero_run_is_read_through_deepspeed(zero_runs: tuple[Path, dict, Path], config: str) -> None:
+    """With DeepSpeed installed, a run of global_stepN/ folders gives the numbers of its own consolidation."""
+    from safetensors.torch import load_file
+
+    base_dir, base, runs = zero_runs
+    expected = {step: load_file(runs / f"{config}-expected" / f"global_step{step}.safetensors") for step in (1, 2)}
+    assert not torch.equal(expected[2][QUERY_WEIGHT], base[QUERY_WEIGHT])  # training moved it
+    _check(da.analyze(base_dir, runs / config, modules=QUERY), base, expected)
+    _check(da.analyze(base_dir, runs / config / "global_step1", modules=QUERY), base, {1: expected[1]})
+
+
+def test_deepspeed_zero_run_is_refused_without_deepspeed(
+    zero_runs: tuple[Path, dict, Path], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base_dir, _, runs = zero_runs
+    save = runs / "zero2-fp32"
+    _without_deepspeed(monkeypatch)
+    assert main([str(base_dir), str(save), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"python {save}/zero_to_fp32.py {save} {save}/global_step1_fp32 -t global_step1" in err
+
+
+class _TouchOnLoad:
+    """Unpickling this runs code: it creates a file (pathlib.Path.touch)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[Path]]:
+        return Path.touch, (self.marker,)
+
+
+def test_a_zero_shard_that_pickles_code_is_refused_unloaded(
+    zero_runs: tuple[Path, dict, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """DeepSpeed's consolidation unpickles with weights_only=False; through this reader it is weights-only."""
+    base_dir, _, runs = zero_runs
+    save = tmp_path / "zero"
+    shutil.copytree(runs / "zero2-fp32", save)
+    shard = next((save / "global_step2").glob("*optim_states.pt"))
+    state = torch.load(shard, weights_only=False)  # the test's own file, written above
+    marker = tmp_path / "code-ran"
+    state["payload"] = _TouchOnLoad(marker)
+    torch.save(state, shard)
+    assert main([str(base_dir), str(save / "global_step2"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "pickles an object that is not a tensor (" in err and f"error: {shard}:" in err
+    assert not marker.exists()
 
 
 def test_torchtune_dora_adapter_is_refused(tiny_bert: tuple[Path, dict], tmp_path: Path) -> None:

@@ -7,20 +7,45 @@ it writes ``latest`` (the tag) and ``zero_to_fp32.py``, the script that consolid
 an ordinary checkpoint. This reader does not re-implement that script: with ``deepspeed``
 importable it asks DeepSpeed (``get_fp32_state_dict_from_zero_checkpoint``, which builds the
 whole fp32 state dict in memory); otherwise it refuses with the command to run.
+
+DeepSpeed's consolidation unpickles the shards with ``torch.load(..., weights_only=False)``,
+which runs whatever code a file names. Here every one of its loads is made with
+``weights_only=True``, with only the DeepSpeed classes its optimizer files hold allowed by name
+(:data:`DEEPSPEED_PICKLED_CLASSES`); a file that names anything else is refused.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import io
+import pickle
 import re
+import threading
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import torch
 
-from ..errors import InputError
+from ..errors import InputError, first_line
 from .base import MemoryStore, TensorStore, config_beside
 
 _TAG = re.compile(r"^global_step\d+$")
+
+# What DeepSpeed's ZeRO optimizer files pickle besides tensors and builtins, as listed by
+# torch.serialization.get_unsafe_globals_in_checkpoint on files DeepSpeed 0.19 writes for ZeRO
+# stages 1-3 in fp32, bf16 and fp16: plain records (a loss scaler, an enum, a dataclass).
+DEEPSPEED_PICKLED_CLASSES = (
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+)
+
+_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+_PATCH = threading.Lock()
 
 
 def is_zero_tag_folder(path: Path) -> bool:
@@ -58,7 +83,8 @@ def open_zero(path: Path) -> TensorStore:
     """
     tag, parent = _tag_and_parent(path)
     try:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # type: ignore[import-not-found]
+        with _quiet():  # DeepSpeed logs its accelerator on import
+            from deepspeed.utils import zero_to_fp32  # type: ignore[import-not-found]
     except ImportError:
         script = parent / "zero_to_fp32.py"
         out = parent / f"{tag}_fp32"
@@ -69,10 +95,72 @@ def open_zero(path: Path) -> TensorStore:
             path=path,
             hint=f"then analyse {out}, or pip install deepspeed to have them read here",
         ) from None
+    loader = _WeightsOnlyTorch(_allowed_classes())
     try:
-        state = get_fp32_state_dict_from_zero_checkpoint(str(parent), tag=tag)
+        state = _consolidate(zero_to_fp32, loader, parent, tag)
+    except pickle.UnpicklingError as exc:
+        found = _UNSUPPORTED_GLOBAL.search(str(exc))
+        named = f" ({found.group(1)})" if found else ""
+        raise InputError(
+            f"a ZeRO shard pickles an object that is not a tensor{named}: not loaded, since unpickling it could run code",
+            path=loader.loading if isinstance(loader.loading, (str, Path)) else path,
+            hint=f"if you trust the file, consolidate it with python {parent / 'zero_to_fp32.py'} and analyse the result",
+        ) from None
     except Exception as exc:  # DeepSpeed raises plain exceptions of many kinds
-        raise InputError(f"DeepSpeed could not consolidate this ZeRO checkpoint ({exc})", path=path) from exc
+        raise InputError(f"DeepSpeed could not consolidate this ZeRO checkpoint ({first_line(exc)})", path=path) from exc
     folder = parent / tag
-    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    # detach: DeepSpeed hands back its fp32 partitions as tensors that require grad.
+    tensors = {k: v.detach() for k, v in state.items() if isinstance(v, torch.Tensor)}
     return MemoryStore(tensors, folder, config_beside(folder))
+
+
+def _consolidate(zero_to_fp32: ModuleType, loader: _WeightsOnlyTorch, parent: Path, tag: str) -> dict[str, object]:
+    """DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint``, every load in it weights-only.
+
+    The module's own ``torch`` is swapped for :class:`_WeightsOnlyTorch` for the call (under a
+    lock: the module is shared by the process), so nothing else in the process is touched.
+    """
+    with _PATCH, _quiet():
+        real = zero_to_fp32.torch
+        zero_to_fp32.torch = loader
+        try:
+            return zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(parent), tag=tag)  # type: ignore[no-any-return]
+        finally:
+            zero_to_fp32.torch = real
+
+
+def _quiet() -> contextlib.ExitStack:
+    """DeepSpeed's prints and progress bars kept off the command's output."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+    stack.enter_context(contextlib.redirect_stderr(io.StringIO()))
+    return stack
+
+
+def _allowed_classes() -> list[type]:
+    """The classes of :data:`DEEPSPEED_PICKLED_CLASSES` this DeepSpeed has (others do not occur in its files)."""
+    found = []
+    for dotted in DEEPSPEED_PICKLED_CLASSES:
+        module, _, name = dotted.rpartition(".")
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            continue
+    return found
+
+
+class _WeightsOnlyTorch:
+    """``torch`` as DeepSpeed's consolidation sees it: ``load`` always ``weights_only=True``."""
+
+    def __init__(self, allowed: list[type]) -> None:
+        self._allowed = allowed
+        self.loading: object = None  # the file being loaded, to name in an error
+
+    def load(self, *args: Any, **kwargs: Any) -> Any:
+        self.loading = args[0] if args else kwargs.get("f")
+        kwargs["weights_only"] = True
+        with torch.serialization.safe_globals(self._allowed):
+            return torch.load(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
