@@ -23,7 +23,7 @@ from . import names as nm
 from .cache import BASE_DIR, BaseCache, ResultCache
 from .containers import TensorStore, open_checkpoint
 from .decompose import Axis
-from .engine import ENGINES, PAIRS_KEY, ExecutionPolicy
+from .engine import ENGINES, PAIRS_KEY, SPECTRUM_KEY, ExecutionPolicy
 from .errors import InputError
 from .metrics import Metric, build_metrics, layer_columns
 from .peft_format import ADAPTER_CONFIG
@@ -196,9 +196,11 @@ def _table(records: list[dict[str, object]], runs: list[Run], modules: list[str]
 
     The subspace similarities between tuned versions that the engine returns with a task's
     records (:data:`~dora_analysis.engine.PAIRS_KEY`) go to ``df.attrs["pairs"]``
-    (:func:`subspace_pairs`).
+    (:func:`subspace_pairs`), the update spectra (:data:`~dora_analysis.engine.SPECTRUM_KEY`)
+    to ``df.attrs["spectra"]`` (:func:`update_spectra`).
     """
     pairs = [row for record in records for row in record.pop(PAIRS_KEY, ())]  # type: ignore[attr-defined]
+    spectra = [row for record in records for row in record.pop(SPECTRUM_KEY, ())]  # type: ignore[attr-defined]
     df = pd.DataFrame.from_records(records)
     kind_of = nm.kinds(df["module"].unique())
     df["kind"] = df["module"].map(kind_of)
@@ -214,6 +216,11 @@ def _table(records: list[dict[str, object]], runs: list[Run], modules: list[str]
         frame = frame.assign(_a=frame["run_a"].map(run_order), _m=frame["module"].map(module_order))
         frame = frame.sort_values(["_a", "step_a", "_m"], kind="stable").drop(columns=["_a", "_m"])
         df.attrs["pairs"] = _Attached(frame.reset_index(drop=True))
+    if spectra:
+        frame = pd.DataFrame.from_records(spectra, columns=SPECTRUM_COLUMNS)
+        frame = frame.assign(_r=frame["run"].map(run_order), _m=frame["module"].map(module_order))
+        frame = frame.sort_values(["_r", "step", "_m", "i"], kind="stable").drop(columns=["_r", "_m"])
+        df.attrs["spectra"] = _Attached(frame.reset_index(drop=True))
     return df
 
 
@@ -251,6 +258,30 @@ def subspace_pairs(layers: pd.DataFrame) -> pd.DataFrame:
     """
     found = layers.attrs.get("pairs")
     return found.frame.copy() if isinstance(found, _Attached) else pd.DataFrame(columns=PAIR_COLUMNS)
+
+
+# spectra.csv: the top singular values of each tuned matrix's update dW.
+SPECTRUM_COLUMNS: list[str] = ["run", "method", "step", "module", "i", "sigma"]
+
+
+def update_spectra(layers: pd.DataFrame) -> pd.DataFrame:
+    """The top singular values of every update dW = W_t - W0 (``spectra.csv``).
+
+    Computed in the same walk as ``layers`` by :func:`analyze` when the ``spectrum`` metric is
+    chosen: sigma_1 >= sigma_2 >= ... of each tuned matrix's update, at most 64 per matrix (a
+    LoRA update of rank r has r; its singular values come from the factors). The figure is
+    :func:`dora_analysis.plots.plot_update_spectra`.
+
+    Returns:
+        One row per (run, step, module, i) with ``sigma``, the i-th largest singular value (i
+        from 1); an empty frame with those columns when the spectrum metric was not chosen.
+
+    Example:
+        >>> layers = analyze("base/", ["runs/ft", "runs/lora"], metrics=["md", "spectrum"])
+        >>> update_spectra(layers).groupby(["run", "i"])["sigma"].median()
+    """
+    found = layers.attrs.get("spectra")
+    return found.frame.copy() if isinstance(found, _Attached) else pd.DataFrame(columns=SPECTRUM_COLUMNS)
 
 
 def _open_base(path: PathLike) -> TensorStore:

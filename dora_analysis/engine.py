@@ -31,6 +31,9 @@ Record = dict[str, object]
 # The key of a task's first record under which execute_task returns the task's pair records
 # (subspace similarity between every two tuned versions of the matrix); analysis pops it.
 PAIRS_KEY = "_pairs"
+# The key of a record under which execute_task returns that tuned matrix's update spectrum (the
+# top singular values of dW, from a metric that offers ``singular_values``); analysis pops it.
+SPECTRUM_KEY = "_spectrum"
 
 
 class BaseMemos(Protocol):
@@ -102,6 +105,8 @@ def execute_task(
     wants_change = any(getattr(m, "uses_change", False) for m in metrics)
     records = []
     directions: list[tuple[Job, torch.Tensor]] = []
+    # Per-job hook: the first metric that offers the update's singular values gives them.
+    offers_values = next((m for m in metrics if hasattr(m, "singular_values")), None)
     for job in task.jobs:
         w = _as_weight(job.snapshot.weight(task.name, w0), job.snapshot.path, task.name).to(device)
         if w.shape != w0.shape:
@@ -110,6 +115,13 @@ def execute_task(
         record: Record = {"run": job.run, "method": job.method, "step": job.step, "module": task.module}
         for metric, state in zip(metrics, states, strict=True):
             record.update(_measure(metric, state, w, job, task, base, device, policy, change))
+        if offers_values is not None:
+            with _threads(policy, device):
+                values = offers_values.singular_values(states[metrics.index(offers_values)], w, change)  # type: ignore[attr-defined]
+            record[SPECTRUM_KEY] = [
+                {"run": job.run, "method": job.method, "step": job.step, "module": task.module, "i": i + 1, "sigma": float(v)}
+                for i, v in enumerate(values.cpu().tolist())
+            ]
         if len(task.jobs) > 1:
             # Per-task hook: the first metric that offers the update's top directions gives
             # them, and every two tuned versions are compared below (pairs.csv).

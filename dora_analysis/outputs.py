@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 # Every name this module writes (the report adds report.md, report.html and figures/). Only
 # these are replaced; anything else in the folder is kept as it is.
-OUTPUT_NAMES = frozenset({"layers.csv", "summary.csv", "summary.json", "pairs.csv", "report.md", "report.html", "figures"})
+OUTPUT_NAMES = frozenset({"layers.csv", "summary.csv", "summary.json", "pairs.csv", "spectra.csv", "report.md", "report.html", "figures"})
 
 _STAGING = "staging"
 
@@ -156,7 +156,7 @@ def write_outputs(
 
 
 def _write_all(staging: Path, layers: pd.DataFrame, summary: pd.DataFrame, **report: object) -> None:
-    from .analysis import subspace_pairs
+    from .analysis import subspace_pairs, update_spectra
     from .report import write_report
 
     layers.to_csv(staging / "layers.csv", index=False)
@@ -165,6 +165,10 @@ def _write_all(staging: Path, layers: pd.DataFrame, summary: pd.DataFrame, **rep
     if len(pairs):
         # Subspace similarity between tuned versions, when the walk computed it (spectrum metric).
         pairs.to_csv(staging / "pairs.csv", index=False)
+    spectra = update_spectra(layers)
+    if len(spectra):
+        # The top singular values of each update, when the walk computed them (spectrum metric).
+        spectra.to_csv(staging / "spectra.csv", index=False)
     records = json.loads(summary.to_json(orient="records"))
     (staging / "summary.json").write_text(json.dumps({"runs": records}, indent=2) + "\n")
     write_report(staging, layers, summary, **report)  # type: ignore[arg-type]

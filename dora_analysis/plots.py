@@ -739,6 +739,33 @@ def plot_stable_rank(data: pd.DataFrame, *, value: str = "dw_stable_rank", ax: A
     return ax
 
 
+def plot_update_spectra(spectra: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
+    """The singular values of the update dW per run (FT | LoRA | DoRA), at each run's last step.
+
+    Each line is the median over matrices of sigma_i / sigma_1 against i, on a log scale: a
+    LoRA update stops at its rank r, a full fine-tune's decays over many more.
+
+    Args:
+        spectra: :func:`dora_analysis.analysis.update_spectra` (``spectra.csv``).
+        ax: Axes to draw on (default: a new figure's).
+    """
+    _require(spectra, ["run", "method", "step", "module", "i", "sigma"], "plot_update_spectra")
+    last = spectra[spectra["step"] == spectra.groupby("run")["step"].transform("max")]
+    top = last.groupby(["run", "module"])["sigma"].transform("max")
+    last = last.assign(rel=last["sigma"] / top.where(top > 0))
+    ax = ax if ax is not None else plt.subplots(figsize=(5, 3.2))[1]
+    for run in run_order(last):
+        part = last[last["run"] == run]
+        curve = part.groupby("i")["rel"].median()
+        curve = curve[curve > 0]
+        ax.plot(curve.index, curve.to_numpy(), marker=".", label=run_label(run, str(part["method"].iloc[0])))
+    ax.set_yscale("log")
+    ax.set_xlabel("i (singular values of dW, largest first)")
+    ax.set_ylabel("σᵢ / σ₁ (median over matrices)")
+    ax.legend(frameon=False, fontsize="small")
+    return ax
+
+
 def plot_subspace_similarity(pairs: pd.DataFrame, *, ax: Axes | None = None, **heatmap: Any) -> Axes:
     """phi(i, j) of ``pairs.csv`` as a heatmap, averaged over the rows given (filter first to
     one pair of runs or steps; Hu et al. 2021, LoRA, figures 3-4)."""

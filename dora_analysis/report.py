@@ -377,8 +377,9 @@ def _draw_figures(layers: pd.DataFrame, out_dir: Path, fmt: str) -> list[FigureB
 
 def _draw_spectral_figures(layers: pd.DataFrame, out_dir: Path, fmt: str) -> list[FigureBlock]:
     """The spectral metrics' figures, for the columns present: intruders per layer and run,
-    stable rank across steps, and the subspace-similarity heatmap of ``pairs.csv``."""
-    from .analysis import subspace_pairs
+    the update's singular values per run (``spectra.csv``), stable rank across steps, and the
+    subspace-similarity heatmap of ``pairs.csv``."""
+    from .analysis import subspace_pairs, update_spectra
 
     (out_dir / "figures").mkdir(exist_ok=True)
     mime = "image/svg+xml" if fmt == "svg" else "image/png"
@@ -401,6 +402,16 @@ def _draw_spectral_figures(layers: pd.DataFrame, out_dir: Path, fmt: str) -> lis
             "intruders",
             "Intruder dimensions per layer",
             f"Mean number of intruder dimensions per matrix of each layer at each run's last step (top {k} singular vectors of W_t), one bar per run.",
+        )
+    spectra = update_spectra(layers)
+    if len(spectra):
+        save(
+            plotting.plot_update_spectra(spectra),
+            "update_spectra",
+            "Singular values of the update",
+            "σᵢ / σ₁ of each run's update dW = W_t − W0 at its last checkpoint, the median over matrices, on a log scale: "
+            "a LoRA update has at most r non-zero singular values, a full fine-tune's spread over many more. "
+            "Every matrix's top singular values are in spectra.csv.",
         )
     if "dw_stable_rank" in layers.columns and layers.groupby("run")["step"].nunique().max() > 1:
         save(

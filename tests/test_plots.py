@@ -356,3 +356,19 @@ def test_library_never_shows(layers: pd.DataFrame, monkeypatch: pytest.MonkeyPat
     plots.plot_md_grid(layers)
     plots.plot_trajectories(layers, kind="query")
     plots.plot_heatmap_grid(layers, value="delta_m")
+
+
+def test_update_spectra_one_line_per_run_normalised_to_sigma_1() -> None:
+    from dora_analysis.plots import plot_update_spectra
+
+    rows = []
+    for run, method, values in (("ft", "ft", [4.0, 2.0, 1.0, 0.5]), ("lora", "lora", [3.0, 0.3])):
+        for module in ("a", "b"):
+            rows += [{"run": run, "method": method, "step": 5, "module": module, "i": i + 1, "sigma": v} for i, v in enumerate(values)]
+            rows += [{"run": run, "method": method, "step": 1, "module": module, "i": 1, "sigma": 9.0}]  # not the last step
+    ax = plot_update_spectra(pd.DataFrame(rows))
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert list(lines) == ["FT", "LoRA"]
+    assert list(lines["FT"].get_ydata()) == [1.0, 0.5, 0.25, 0.125]
+    assert list(lines["LoRA"].get_xdata()) == [1, 2]  # a rank-2 update stops at 2
+    plt.close(ax.figure)

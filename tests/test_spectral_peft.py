@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from dora_analysis import spectral as sp
-from dora_analysis.analysis import analyze, subspace_pairs
+from dora_analysis.analysis import analyze, subspace_pairs, update_spectra
 
 from .conftest import write_trainer_state
 
@@ -89,6 +89,7 @@ def test_intruder_counts_equal_peft_detector(lora_run: tuple[Path, Path, torch.n
 def test_spectra_and_amplification_match_numpy_float64(lora_run: tuple[Path, Path, torch.nn.Module]) -> None:
     base, run, _ = lora_run
     layers = analyze(base, run, steps=[20], modules=MODULE_RE, metrics=["spectrum", "amplification"])
+    spectra = update_spectra(layers)
     from safetensors.torch import load_file
 
     w0s = load_file(str(base / "model.safetensors"))
@@ -113,6 +114,26 @@ def test_spectra_and_amplification_match_numpy_float64(lora_run: tuple[Path, Pat
             assert abs(row[column] - want) <= 1e-6 * abs(want), (row["module"], column, row[column], want)
         assert row["amp_rank"] == 4
         assert row["dw_rank90"] == int(np.argmax(np.cumsum(s**2) / (s**2).sum() >= 0.9) + 1)
+        sigma = spectra.loc[spectra["module"] == row["module"], "sigma"].to_numpy()
+        assert len(sigma) == 4 and np.allclose(sigma, s, rtol=1e-6, atol=0), (row["module"], sigma, s)
+
+
+def test_spectra_of_a_full_fine_tune_match_numpy_float64(lora_run: tuple[Path, Path, torch.nn.Module], tmp_path: Path) -> None:
+    """The dense path: the top 64 singular values of dW = W_t - W0 of a full checkpoint (spectra.csv)."""
+    from safetensors.torch import load_file, save_file
+
+    base, _, _ = lora_run
+    w0s = load_file(str(base / "model.safetensors"))
+    gen = torch.Generator().manual_seed(1)
+    tuned = {k: (v + 0.01 * torch.randn(v.shape, generator=gen)).contiguous() for k, v in w0s.items()}
+    save_file(tuned, tmp_path / "tuned.safetensors")
+    spectra = update_spectra(analyze(base, tmp_path / "tuned.safetensors", modules=MODULE_RE, metrics=["spectrum"]))
+    assert len(spectra)
+    for module, part in spectra.groupby("module"):
+        dw = tuned[f"{module}.weight"].double().numpy() - w0s[f"{module}.weight"].double().numpy()
+        s = np.linalg.svd(dw, compute_uv=False)[:64]
+        assert part["i"].tolist() == list(range(1, len(s) + 1))
+        assert np.allclose(part["sigma"].to_numpy(), s, rtol=1e-6, atol=0), module
 
 
 def test_base_decomposed_once_per_matrix_and_pairs_in_the_same_walk(
@@ -207,3 +228,7 @@ def test_cli_writes_columns_pairs_and_report(lora_run: tuple[Path, Path, torch.n
     for title in ("Spectrum of the update", "Intruder dimensions", "Amplification"):
         assert title in report
     assert (out / "figures").is_dir()
+    spectra = pd.read_csv(out / "spectra.csv")
+    assert list(spectra.columns) == ["run", "method", "step", "module", "i", "sigma"]
+    assert len(spectra) == 4 * len(layers)  # r = 4 values per matrix and checkpoint
+    assert (out / "figures" / "update_spectra.png").is_file() and "Singular values of the update" in report

@@ -20,6 +20,9 @@ from .. import spectral as sp
 from .base import Column, MatrixContext
 
 DEFAULT_RANK = 8
+# How many of dW's singular values each tuned matrix contributes to spectra.csv: enough to see
+# a LoRA update stop at its rank and a full fine-tune's decay past it.
+SPECTRUM_POINTS = 64
 
 
 @dataclass(frozen=True)
@@ -120,6 +123,13 @@ class UpdateSpectrum(UpdateMetric):
             "dw_effective_rank": spec.effective_rank,
             "dw_rank90": spec.rank90,
         }
+
+    def singular_values(self, state: BaseMatrix, tuned: torch.Tensor, change: sp.Change | None = None) -> torch.Tensor:
+        """dW's top singular values (at most :data:`SPECTRUM_POINTS`), largest first, float64:
+        the rows of ``spectra.csv``. Free after :meth:`measure` (the SVD is kept on ``change``)."""
+        change = change or sp.Change()
+        s = sp.update_svd(state.weight, tuned_matrix(state, tuned, change), change).S
+        return s[:SPECTRUM_POINTS].to(torch.float64)
 
     def directions(self, state: BaseMatrix, tuned: torch.Tensor, change: sp.Change | None = None) -> torch.Tensor:
         """dW's top-r left singular vectors ``[out, r]`` (r: the adapter's rank, else ``rank``),
