@@ -210,7 +210,14 @@ def _change(a: torch.Tensor, b: torch.Tensor, *, rows: bool, budget: int) -> Mat
     nonzero = (m0 > 0) & (m > 0)
     n_valid = int(nonzero.sum())
     if n_valid:
-        cos = dot[nonzero] / (m0[nonzero] * m[nonzero])
+        # |a| |b| as sqrt(|a|^2 |b|^2): for an unchanged vector (b = a, so dot = |a|^2) this is
+        # exactly |a|^2, since sqrt(x * x) == x in IEEE arithmetic, and 1 - cos is exactly 0
+        # rather than a rounding residue of ~1e-16. Where the product leaves float64's range,
+        # the product of the norms.
+        norms = torch.sqrt(base_sq[nonzero] * tuned_sq[nonzero])
+        in_range = torch.isfinite(norms) & (norms > 0)
+        norms = torch.where(in_range, norms, m0[nonzero] * m[nonzero])
+        cos = dot[nonzero] / norms
         delta_d = float((1.0 - cos.clamp(-1.0, 1.0)).mean())
     else:
         delta_d = math.nan
