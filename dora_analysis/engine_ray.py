@@ -247,7 +247,7 @@ def _batches(tasks: list[Task], base: TensorStore, cpus: int) -> list[list[int]]
         batches[-1].append(index)
         size += work[index]
     # Within a batch, plan order: a task that fails then leaves only later tasks undone.
-    return [sorted(batch) for batch in batches]
+    return [sorted(batch) for batch in batches if batch]
 
 
 def _work(task: Task, base: TensorStore) -> int:
