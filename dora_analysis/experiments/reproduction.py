@@ -111,12 +111,12 @@ class Reproduction:
     summary: pd.DataFrame
     failures: list[str]
     out: Path
-    spectral: pd.DataFrame | None = None
-    signs: pd.DataFrame | None = None
-    # Per run: the pooled r, its permutation p over matrices, and whether it has the paper's
-    # sign (:func:`sign_table`); written to ``out/signs.csv``.
     # The same runs, matrices and checkpoints through the spectral metrics (``spectrum``,
     # ``intruders``): written to ``out/spectral/``, beside (not into) figure 2's files.
+    spectral: pd.DataFrame | None = None
+    # Per run: the pooled r, its permutation p over matrices, and whether it has the paper's
+    # sign (:func:`sign_table`); written to ``out/signs.csv``.
+    signs: pd.DataFrame | None = None
 
 
 def run_name(method: str, seed: int) -> str:
