@@ -206,22 +206,29 @@ def _table(records: list[dict[str, object]], runs: list[Run], modules: list[str]
     df["kind"] = df["module"].map(kind_of)
     df["layer"] = df["module"].map(nm.layer_index).astype("Int64")
     # Records arrive matrix-major (the streaming order); present them run, step, module.
-    run_order = {run.name: i for i, run in enumerate(runs)}
-    module_order = {m: i for i, m in enumerate(modules)}
-    df = df.assign(_r=df["run"].map(run_order), _m=df["module"].map(module_order))
-    df = df.sort_values(["_r", "step", "_m"], kind="stable")
-    df = df[[c.name for c in layer_columns(metrics)]].reset_index(drop=True)
+    order = ({run.name: i for i, run in enumerate(runs)}, {m: i for i, m in enumerate(modules)})
+    df = _reading_order(df, *order)[[c.name for c in layer_columns(metrics)]]
     if pairs:
         frame = pd.DataFrame.from_records(pairs, columns=PAIR_COLUMNS)
-        frame = frame.assign(_a=frame["run_a"].map(run_order), _m=frame["module"].map(module_order))
-        frame = frame.sort_values(["_a", "step_a", "_m"], kind="stable").drop(columns=["_a", "_m"])
-        df.attrs["pairs"] = _Attached(frame.reset_index(drop=True))
+        df.attrs["pairs"] = _Attached(_reading_order(frame, *order, run="run_a", step="step_a"))
     if spectra:
         frame = pd.DataFrame.from_records(spectra, columns=SPECTRUM_COLUMNS)
-        frame = frame.assign(_r=frame["run"].map(run_order), _m=frame["module"].map(module_order))
-        frame = frame.sort_values(["_r", "step", "_m", "i"], kind="stable").drop(columns=["_r", "_m"])
-        df.attrs["spectra"] = _Attached(frame.reset_index(drop=True))
+        df.attrs["spectra"] = _Attached(_reading_order(frame, *order, then=("i",)))
     return df
+
+
+def _reading_order(
+    frame: pd.DataFrame,
+    run_order: Mapping[str, int],
+    module_order: Mapping[str, int],
+    *,
+    run: str = "run",
+    step: str = "step",
+    then: Sequence[str] = (),
+) -> pd.DataFrame:
+    """``frame``'s rows by run (in the order given), step, module (in plan order), then ``then``; stable."""
+    keyed = frame.assign(_r=frame[run].map(run_order), _m=frame["module"].map(module_order))
+    return keyed.sort_values(["_r", step, "_m", *then], kind="stable").drop(columns=["_r", "_m"]).reset_index(drop=True)
 
 
 class _Attached:
@@ -256,8 +263,7 @@ def subspace_pairs(layers: pd.DataFrame) -> pd.DataFrame:
         >>> layers = analyze("base/", ["runs/lora", "runs/dora"], metrics=["md", "spectrum"])
         >>> subspace_pairs(layers).query("i == j").groupby("i")["phi"].mean()
     """
-    found = layers.attrs.get("pairs")
-    return found.frame.copy() if isinstance(found, _Attached) else pd.DataFrame(columns=PAIR_COLUMNS)
+    return _attached(layers, "pairs", PAIR_COLUMNS)
 
 
 # spectra.csv: the top singular values of each tuned matrix's update dW.
@@ -280,8 +286,13 @@ def update_spectra(layers: pd.DataFrame) -> pd.DataFrame:
         >>> layers = analyze("base/", ["runs/ft", "runs/lora"], metrics=["md", "spectrum"])
         >>> update_spectra(layers).groupby(["run", "i"])["sigma"].median()
     """
-    found = layers.attrs.get("spectra")
-    return found.frame.copy() if isinstance(found, _Attached) else pd.DataFrame(columns=SPECTRUM_COLUMNS)
+    return _attached(layers, "spectra", SPECTRUM_COLUMNS)
+
+
+def _attached(layers: pd.DataFrame, key: str, columns: list[str]) -> pd.DataFrame:
+    """A copy of the frame :func:`analyze` attached to ``layers`` under ``key``, else an empty one."""
+    found = layers.attrs.get(key)
+    return found.frame.copy() if isinstance(found, _Attached) else pd.DataFrame(columns=columns)
 
 
 def _open_base(path: PathLike) -> TensorStore:
