@@ -161,14 +161,11 @@ def _write_all(staging: Path, layers: pd.DataFrame, summary: pd.DataFrame, **rep
 
     layers.to_csv(staging / "layers.csv", index=False)
     summary.to_csv(staging / "summary.csv", index=False)
-    pairs = subspace_pairs(layers)
-    if len(pairs):
-        # Subspace similarity between tuned versions, when the walk computed it (spectrum metric).
-        pairs.to_csv(staging / "pairs.csv", index=False)
-    spectra = update_spectra(layers)
-    if len(spectra):
-        # The top singular values of each update, when the walk computed them (spectrum metric).
-        spectra.to_csv(staging / "spectra.csv", index=False)
+    # The subspace similarity between tuned versions and the top singular values of each
+    # update, when the walk computed them (spectrum metric).
+    for name, frame in (("pairs.csv", subspace_pairs(layers)), ("spectra.csv", update_spectra(layers))):
+        if len(frame):
+            frame.to_csv(staging / name, index=False)
     records = json.loads(summary.to_json(orient="records"))
     (staging / "summary.json").write_text(json.dumps({"runs": records}, indent=2) + "\n")
     write_report(staging, layers, summary, **report)  # type: ignore[arg-type]
