@@ -44,6 +44,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _stats import paired_ratio, rotated  # benchmarks/ is on sys.path when a benchmark runs
 
 VARIANTS = ("ours-lora", "ours-dora", "peft-lora", "peft-dora")
 LABELS = {"ours-lora": "ours LoRA", "ours-dora": "ours DoRA", "peft-lora": "PEFT LoRA", "peft-dora": "PEFT DoRA"}
@@ -109,8 +110,7 @@ def time_steps(variants: list[str], model_path: Path, device: torch.device, roun
             step(b)
     times: dict[str, list[float]] = {v: [] for v in variants}
     for r in range(rounds):
-        order = variants[r % len(variants) :] + variants[: r % len(variants)]  # rotate who goes first
-        for v in order:
+        for v in rotated(variants, r):
             _sync(device)
             start = time.perf_counter()
             for i in range(per_round):
@@ -118,13 +118,6 @@ def time_steps(variants: list[str], model_path: Path, device: torch.device, roun
             _sync(device)
             times[v].append((time.perf_counter() - start) / per_round)
     return times
-
-
-def paired_ratio(times: dict[str, list[float]], num: str, den: str) -> tuple[float, float, float]:
-    """Median and quartiles over rounds of the within-round ratio num / den."""
-    ratios = sorted(a / b for a, b in zip(times[num], times[den], strict=True))
-    q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
-    return statistics.median(ratios), q[0], q[2]
 
 
 # --- memory: one fresh process per variant -------------------------------------------------------
@@ -266,7 +259,7 @@ def callback_overhead(model_path: Path, *, steps: int, save_every: int, rounds: 
     times: dict[str, list[float]] = {"plain": [], "callback": []}
     schedule = [(-1, "plain"), (-1, "callback")]  # the warm-up, untimed
     for r in range(rounds):
-        schedule += [(r, v) for v in (("plain", "callback") if r % 2 == 0 else ("callback", "plain"))]
+        schedule += [(r, v) for v in rotated(["plain", "callback"], r)]
     for r, variant in schedule:
         torch.manual_seed(0)
         model = transformers.AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=2)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from . import names as nm
 from .analysis import _open_base, open_runs
-from .containers import TensorStore
+from .containers import TensorStore, headers_only
 from .decompose import DEFAULT_BLOCK_ELEMENTS
 from .errors import InputError
 from .plan import Task, build_plan
@@ -85,8 +85,9 @@ def plan_costs(
     last: int | None = None,
 ) -> list[TaskCost]:
     """The plan ``analyze`` would run on these paths, costed; reads headers only."""
-    store = _open_base(base)
-    runs = open_runs(list(tuned), steps=steps, last=last)
+    with headers_only():  # a checkpoint that has no headers to plan from is refused, not loaded
+        store = _open_base(base)
+        runs = open_runs(list(tuned), steps=steps, last=last)
     shapes = {k: store.shape(k) for k in store.keys()}
     selected = nm.select(shapes, modules, include_all=all_modules)
     if not selected:

@@ -8,7 +8,8 @@ engine runs, so the numbers are the same bit for bit; records are put back in pl
 
 * the plan, the base store and the metrics are put in Ray's object store once. Stores travel
   as paths (each reopens its files, reading headers only, once per worker), so every node must
-  see the same paths: a shared file system;
+  see the same paths: a shared file system. A store held in memory (a DeepSpeed ZeRO step
+  consolidated by this process, a live model) is refused before Ray starts, with how to save it;
 * each task sends back its records (a few numbers per tuned matrix), never a tensor.
 
 Per task, a worker holds what the serial walk holds: the base matrix, one tuned matrix, the
@@ -30,6 +31,7 @@ from __future__ import annotations
 import collections
 import errno
 import functools
+import io
 import math
 import os
 import pickle
@@ -40,7 +42,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from .containers import TensorStore
+from .containers import MemoryStore, TensorStore
 from .engine import ENGINES, ExecutionPolicy, Record, execute_task
 from .errors import InputError
 from .metrics import Metric
@@ -156,16 +158,19 @@ class RayEngine:
                 all cores). If Ray is running in this process already, it is used as it is.
 
         Raises:
-            InputError: Ray missing, bad input in a task (as the serial engine says it).
+            InputError: Ray missing, a store held in memory (it cannot travel as a path), bad
+                input in a task (as the serial engine says it).
         """
         if workers is not None and workers < 1:
             raise InputError("--workers must be at least 1")
         if address is not None and workers is not None:
             raise InputError("give --address (join a cluster) or --workers (start a local one), not both")
         ray = _ray()
+        tasks = list(tasks)
+        plan = _plan_bytes((tasks, base, list(metrics), device, policy))  # before Ray starts: it may refuse
         started = _connect(ray, address, workers)
         try:
-            return self._run(ray, list(tasks), base, list(metrics), device, policy, progress, workers)
+            return self._run(ray, tasks, base, plan, progress, workers)
         finally:
             if started:
                 ray.shutdown()
@@ -175,13 +180,11 @@ class RayEngine:
         ray: Any,
         tasks: list[Task],
         base: TensorStore,
-        metrics: list[Metric],
-        device: torch.device,
-        policy: ExecutionPolicy,
+        plan: bytes,
         progress: bool | None,
         workers: int | None,
     ) -> list[Record]:
-        context = ray.put((uuid.uuid4().hex, pickle.dumps((tasks, base, metrics, device, policy), protocol=5)))
+        context = ray.put((uuid.uuid4().hex, plan))
         remote = _remote()
         cpus = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
         batches = _batches(tasks, base, cpus)
@@ -230,6 +233,28 @@ class RayEngine:
         if first_error is not None:
             raise first_error[1]
         return [record for index in range(len(tasks)) for record in results[index]]
+
+
+class _PathsOnly(pickle.Pickler):
+    """Pickles a plan, refusing a store whose tensors are held in this process's memory."""
+
+    def persistent_id(self, obj: Any) -> None:
+        if isinstance(obj, MemoryStore):
+            # Pickled, it would carry the whole model to every worker: each task would hold all
+            # of it, not a few matrices.
+            raise InputError(
+                "--engine ray has its workers open every checkpoint from files, and this one is held in memory"
+                " (consolidated or taken from a live model)",
+                path=obj.path,
+                hint=obj.to_files or "save it to files first, or use --engine serial",
+            )
+        return None
+
+
+def _plan_bytes(plan: tuple[Any, ...]) -> bytes:
+    buffer = io.BytesIO()
+    _PathsOnly(buffer, protocol=5).dump(plan)
+    return buffer.getvalue()
 
 
 def _batches(tasks: list[Task], base: TensorStore, cpus: int) -> list[list[int]]:

@@ -4,9 +4,9 @@ torch distributed checkpoints (``torch.distributed.checkpoint.save``), the Huggi
 (``huggingface_hub``'s own cache layout, resolved with ``HF_HUB_OFFLINE=1``), torchtune
 ``epoch_N/`` runs (saved as torchtune saves them: ``model-0000K-of-0000M.safetensors`` + index,
 here by ``transformers``' ``save_pretrained``), Accelerate ``save_state`` runs, PyTorch
-Lightning ``.ckpt`` runs (``ModelCheckpoint`` during a short ``fit``), DeepSpeed ZeRO folders
-(refused with the command that consolidates them; the layout only, as DeepSpeed needs a GPU or
-oneCCL to write one), torchtune DoRA adapters (refused).
+Lightning ``.ckpt`` runs (``ModelCheckpoint`` during a short ``fit``), DeepSpeed ZeRO runs
+(written by DeepSpeed on the CPU, read through its own consolidation, or refused with the
+command that consolidates them), torchtune DoRA adapters (refused).
 """
 
 from __future__ import annotations
@@ -337,6 +337,39 @@ def test_deepspeed_zero_run_is_refused_without_deepspeed(
     assert main([str(base_dir), str(save), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and f"python {save}/zero_to_fp32.py {save} {save}/global_step1_fp32 -t global_step1" in err
+
+
+def test_a_dry_run_refuses_a_zero_run_without_consolidating_it(
+    zero_runs: tuple[Path, dict, Path], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ZeRO step has no headers: planning it would mean holding the whole fp32 model, so --dry-run says how to consolidate it."""
+    from dora_analysis.containers import deepspeed
+
+    base_dir, _, runs = zero_runs
+    save = runs / "zero2-fp32"
+    monkeypatch.setattr(deepspeed, "_consolidate", lambda *a: pytest.fail("consolidated during a dry run"))
+    assert main([str(base_dir), str(save), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"error: {save}/global_step1: DeepSpeed ZeRO checkpoint" in err
+    assert f"python {save}/zero_to_fp32.py {save} {save}/global_step1_fp32 -t global_step1" in err
+
+
+def test_the_ray_engine_refuses_a_zero_run_before_ray_starts(
+    zero_runs: tuple[Path, dict, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Consolidated in the driver, a ZeRO step could only reach the workers inside the plan: the whole model in every task."""
+    pytest.importorskip("ray")
+    from dora_analysis import engine_ray
+
+    base_dir, _, runs = zero_runs
+    save = runs / "zero2-fp32"
+    monkeypatch.setattr(engine_ray, "_connect", lambda *a: pytest.fail("Ray started"))
+    out = tmp_path / "out"
+    assert main([str(base_dir), str(save), "--quiet", "--engine", "ray", "--workers", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"error: {save}/global_step1: --engine ray" in err and "held in memory" in err
+    assert f"python {save}/zero_to_fp32.py {save} {save}/global_step1_fp32 -t global_step1" in err
+    assert not out.exists()
 
 
 class _TouchOnLoad:

@@ -180,3 +180,16 @@ def test_stores_travel_as_paths(tiny_bert: tuple[Path, dict], tmp_path: Path) ->
         again = pickle.loads(blob)
         assert all(torch.equal(again.get(k), base[k]) for k in base)
     assert json.loads((base_dir / "config.json").read_text())["model_type"] == "bert"
+
+
+def test_a_store_held_in_memory_is_refused_by_name() -> None:
+    """Pickled into the plan, a live model's tensors would travel to every worker: refused, with how to save them."""
+    from dora_analysis.containers import MemoryStore
+    from dora_analysis.errors import InputError
+
+    live = MemoryStore({"w": torch.zeros(4, 4)}, Path("live-model"))
+    with pytest.raises(InputError, match=r"^live-model: --engine ray .* held in memory .*\(save it to files first"):
+        engine_ray._plan_bytes(([], live))
+    saved = MemoryStore({"w": torch.zeros(4, 4)}, Path("step"), to_files="run save.py")
+    with pytest.raises(InputError, match=r"\(run save\.py\)$"):
+        engine_ray._plan_bytes(([], saved))

@@ -34,7 +34,7 @@ from pathlib import Path
 from ..errors import InputError
 from ..registry import Registry
 from . import deepspeed, hf_cache, quantized
-from .base import MemoryStore, TensorStore
+from .base import MemoryStore, TensorStore, headers_only
 from .dcp import DcpStore, is_dcp_folder
 from .safetensors import SAFETENSORS_SUFFIXES, SafetensorsStore
 from .shapes import ShapesStore, is_shapes_file, is_shapes_folder
@@ -53,6 +53,7 @@ __all__ = [
     "TensorStore",
     "TorchStore",
     "find_checkpoint_file",
+    "headers_only",
     "open_checkpoint",
     "open_file",
 ]  # fmt: skip

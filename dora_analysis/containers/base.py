@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -68,6 +70,26 @@ class TensorStore(ABC):
         return f"{type(self).__name__}({str(self.path)!r}, {len(self)} tensors)"
 
 
+# Set while checkpoints are opened for their names and shapes alone (``--dry-run``): a reader
+# that would have to load every tensor to open its checkpoint refuses instead.
+_HEADERS_ONLY: ContextVar[bool] = ContextVar("headers_only", default=False)
+
+
+@contextmanager
+def headers_only() -> Iterator[None]:
+    """Within this block, opening a checkpoint may read headers only (see :func:`opening_headers_only`)."""
+    token = _HEADERS_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _HEADERS_ONLY.reset(token)
+
+
+def opening_headers_only() -> bool:
+    """True inside :func:`headers_only`: a reader must not load tensor data to open a checkpoint."""
+    return _HEADERS_ONLY.get()
+
+
 def config_beside(path: Path) -> dict[str, Any]:
     """The ``config.json`` in ``path`` (a folder) or beside it (a file), or ``{}``."""
     folder = path if path.is_dir() else path.parent
@@ -84,16 +106,29 @@ def config_beside(path: Path) -> dict[str, Any]:
 class MemoryStore(TensorStore):
     """A :class:`TensorStore` over tensors already in memory (a live model's, a copy, a consolidation).
 
+    Unlike the stores over files, it cannot travel as a path: an engine whose workers open the
+    checkpoints themselves (``ray``) refuses it, with ``to_files`` as the way out.
+
     Args:
         tensors: Name -> tensor; read as they are, never copied or changed.
         path: What messages name as the source (e.g. the run folder).
         config: The model's config (``model_type`` decides the storage layout of some matrices).
+        to_files: How to have these tensors as checkpoint files instead, for messages (e.g.
+            the command that consolidates a DeepSpeed ZeRO step).
     """
 
-    def __init__(self, tensors: Mapping[str, torch.Tensor], path: Path, config: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        path: Path,
+        config: Mapping[str, Any] | None = None,
+        *,
+        to_files: str | None = None,
+    ) -> None:
         super().__init__(Path(path))
         self._tensors = dict(tensors)
         self.config = dict(config or {})  # shadows the base class's config.json lookup
+        self.to_files = to_files
 
     def keys(self) -> list[str]:
         return list(self._tensors)

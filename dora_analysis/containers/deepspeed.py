@@ -6,7 +6,9 @@ weights live partitioned inside the optimizer shards, in DeepSpeed's own layout.
 it writes ``latest`` (the tag) and ``zero_to_fp32.py``, the script that consolidates them into
 an ordinary checkpoint. This reader does not re-implement that script: with ``deepspeed``
 importable it asks DeepSpeed (``get_fp32_state_dict_from_zero_checkpoint``, which builds the
-whole fp32 state dict in memory); otherwise it refuses with the command to run.
+whole fp32 state dict in memory); otherwise it refuses with the command to run. Opened for
+headers only (``--dry-run``) it refuses with the same command: only that whole consolidation
+gives the shapes.
 
 DeepSpeed's consolidation unpickles the shards with ``torch.load(..., weights_only=False)``,
 which runs whatever code a file names. Here every one of its loads is made with
@@ -30,7 +32,7 @@ from typing import Any
 import torch
 
 from ..errors import InputError, first_line
-from .base import MemoryStore, TensorStore, config_beside
+from .base import MemoryStore, TensorStore, config_beside, opening_headers_only
 
 _TAG = re.compile(r"^global_step\d+$")
 
@@ -82,16 +84,20 @@ def open_zero(path: Path) -> TensorStore:
             command), or DeepSpeed cannot read the checkpoint.
     """
     tag, parent = _tag_and_parent(path)
+    command, out = _consolidation(parent, tag)
+    if opening_headers_only():
+        raise InputError(
+            "DeepSpeed ZeRO checkpoint: its weights are partitioned across optimizer shards, and only consolidating"
+            " them all (the whole model in fp32, in memory) gives their shapes; a plan from headers cannot read it",
+            path=path,
+            hint=f"consolidate it first: {command}, then plan on {out}",
+        )
     try:
         with _quiet():  # DeepSpeed logs its accelerator on import
             from deepspeed.utils import zero_to_fp32  # type: ignore[import-not-found]
     except ImportError:
-        script = parent / "zero_to_fp32.py"
-        out = parent / f"{tag}_fp32"
-        command = f"python {script} {parent} {out} -t {tag} --safe_serialization"
-        where = "" if script.is_file() else " (the script DeepSpeed writes beside global_stepN/; also deepspeed.utils.zero_to_fp32)"
         raise InputError(
-            f"DeepSpeed ZeRO checkpoint: its weights are partitioned across optimizer shards; consolidate them first: {command}{where}",
+            f"DeepSpeed ZeRO checkpoint: its weights are partitioned across optimizer shards; consolidate them first: {command}",
             path=path,
             hint=f"then analyse {out}, or pip install deepspeed to have them read here",
         ) from None
@@ -111,7 +117,17 @@ def open_zero(path: Path) -> TensorStore:
     folder = parent / tag
     # detach: DeepSpeed hands back its fp32 partitions as tensors that require grad.
     tensors = {k: v.detach() for k, v in state.items() if isinstance(v, torch.Tensor)}
-    return MemoryStore(tensors, folder, config_beside(folder))
+    return MemoryStore(tensors, folder, config_beside(folder), to_files=f"consolidate it to files with {command} and analyse {out}")
+
+
+def _consolidation(parent: Path, tag: str) -> tuple[str, Path]:
+    """The command that consolidates ``parent/tag`` into safetensors files, and where they go."""
+    script = parent / "zero_to_fp32.py"
+    out = parent / f"{tag}_fp32"
+    command = f"python {script} {parent} {out} -t {tag} --safe_serialization"
+    if not script.is_file():
+        command += " (the script DeepSpeed writes beside global_stepN/; also deepspeed.utils.zero_to_fp32)"
+    return command, out
 
 
 def _consolidate(zero_to_fp32: ModuleType, loader: _WeightsOnlyTorch, parent: Path, tag: str) -> dict[str, object]:
