@@ -9,6 +9,7 @@ in plan order. Each engine is one entry in :data:`ENGINES`.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -105,36 +106,42 @@ def execute_task(
     wants_change = any(getattr(m, "uses_change", False) for m in metrics)
     records = []
     directions: list[tuple[Job, torch.Tensor]] = []
-    # Per-job hook: the first metric that offers the update's singular values gives them.
-    offers_values = next((m for m in metrics if hasattr(m, "singular_values")), None)
+    # Per-job hook: the update's singular values (spectra.csv).
+    singular_values = _offered(metrics, states, "singular_values")
+    # Per-task hook: the update's top directions, every two tuned versions compared below
+    # (pairs.csv); only when there are two.
+    directions_of = _offered(metrics, states, "directions") if len(task.jobs) > 1 else None
     for job in task.jobs:
         w = _as_weight(job.snapshot.weight(task.name, w0), job.snapshot.path, task.name).to(device)
         if w.shape != w0.shape:
             raise InputError(f"shape mismatch: base {tuple(w0.shape)} vs tuned {tuple(w.shape)}", path=job.snapshot.path, tensor=task.name)
         change = _change(job, task, device) if wants_change else None
-        record: Record = {"run": job.run, "method": job.method, "step": job.step, "module": task.module}
+        identity: Record = {"run": job.run, "method": job.method, "step": job.step, "module": task.module}
+        record = dict(identity)
         for metric, state in zip(metrics, states, strict=True):
             record.update(_measure(metric, state, w, job, task, base, device, policy, change))
-        if offers_values is not None:
+        if singular_values is not None:
             with _threads(policy, device):
-                values = offers_values.singular_values(states[metrics.index(offers_values)], w, change)  # type: ignore[attr-defined]
-            record[SPECTRUM_KEY] = [
-                {"run": job.run, "method": job.method, "step": job.step, "module": task.module, "i": i + 1, "sigma": float(v)}
-                for i, v in enumerate(values.cpu().tolist())
-            ]
-        if len(task.jobs) > 1:
-            # Per-task hook: the first metric that offers the update's top directions gives
-            # them, and every two tuned versions are compared below (pairs.csv).
-            found = next((m for m in metrics if hasattr(m, "directions")), None)
-            if found is not None:
-                with _threads(policy, device):
-                    directions.append((job, found.directions(states[metrics.index(found)], w, change)))  # type: ignore[attr-defined]
+                values = singular_values(w, change)
+            record[SPECTRUM_KEY] = [{**identity, "i": i + 1, "sigma": float(v)} for i, v in enumerate(values.cpu().tolist())]
+        if directions_of is not None:
+            with _threads(policy, device):
+                directions.append((job, directions_of(w, change)))
         records.append(record)
         del w
         on_job()
     if records and len(directions) > 1:
         records[0][PAIRS_KEY] = _pairs(task, directions)
     return records
+
+
+def _offered(metrics: Sequence[Metric], states: list[object], hook: str) -> Callable[[torch.Tensor, Change | None], torch.Tensor] | None:
+    """The first metric's optional method ``hook`` (it takes the metric's per-base state, the
+    tuned matrix and the change), bound to that metric's state; None if no metric offers it."""
+    for metric, state in zip(metrics, states, strict=True):
+        if hasattr(metric, hook):
+            return functools.partial(getattr(metric, hook), state)
+    return None
 
 
 def _change(job: Job, task: Task, device: torch.device) -> Change:

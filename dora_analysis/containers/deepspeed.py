@@ -110,7 +110,7 @@ def open_zero(path: Path) -> TensorStore:
         raise InputError(
             f"a ZeRO shard pickles an object that is not a tensor{named}: not loaded, since unpickling it could run code",
             path=loader.loading if isinstance(loader.loading, (str, Path)) else path,
-            hint=f"if you trust the file, consolidate it with python {parent / 'zero_to_fp32.py'} and analyse the result",
+            hint=f"if you trust the file, consolidate it with {command} and analyse {out}",
         ) from None
     except Exception as exc:  # DeepSpeed raises plain exceptions of many kinds
         raise InputError(f"DeepSpeed could not consolidate this ZeRO checkpoint ({first_line(exc)})", path=path) from exc
