@@ -17,11 +17,15 @@ Targets (issue "Core"): analyze / read <= 1.3; peak RSS <= 3 x the largest float
 
 With --engines, instead: serial against the ray engine with 1 and 2 workers, and with 2 workers
 sending every plan task as its own Ray task (unbatched); what one Ray task costs beyond its work
-(no-op tasks); and the peak RSS of the pair saved as .bin files. Each round runs every engine
-once, in an order that rotates from round to round, and a speedup is the median over rounds of
-serial / engine within a round: on shared cores the load drifts from minute to minute, and a
-ratio taken within a round cancels what the two runs shared. The ratio of the medians and of
-the best runs are printed beside it.
+(no-op tasks); and the peak RSS of the pair saved as .bin files. A round is one fresh process
+per worker count that starts a local Ray cluster, warms its workers, then times serial and Ray
+back to back, in a rotating order and then in reverse (A B B A). A speedup is the median over
+rounds of serial / engine within a round: on these shared cores the speed of a core changes by
+half from one few seconds to the next, so only runs a moment apart compare; a round's two
+orders cancel a drift within it. Serial runs beside the idle cluster, which can only slow it:
+the cluster's CPU over the serial runs is printed, as a share of their time, which bounds how
+much that raises the ratios. The ratio of the medians and of the best rounds are printed beside
+it.
 
 Usage:
     python benchmarks/bench_analyze.py                 # 8 and 16 layers (~1.1 and ~1.9 GB)
@@ -127,6 +131,34 @@ def _noop(i: int) -> list[dict[str, float]]:
     return [{"index": float(i)}]  # a record's size
 
 
+def _start_ray(workers: int) -> None:
+    """A local cluster with ``workers`` CPUs, its worker processes started and warm."""
+    import ray
+
+    ray.init(num_cpus=workers, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    # Ray starts its worker processes on first use, and each then imports torch and the
+    # package: seconds of start-up that a cluster pays once, not per analysis. Start and warm
+    # every worker before the clock, as the imports are.
+    warm = ray.remote(num_cpus=1)(_warm_worker)
+    ray.get([warm.remote() for _ in range(workers)])
+
+
+def _timed_analysis(mode: str, base: str, tuned: str) -> float:
+    """Seconds for one ``analyze`` of the pair with the engine that ``mode`` names."""
+    from dora_analysis import engine_ray
+    from dora_analysis.analysis import analyze
+
+    batches = engine_ray.BATCHES_PER_CPU
+    if mode.endswith("-unbatched"):
+        engine_ray.BATCHES_PER_CPU = 10**9  # every plan task its own Ray task
+    try:
+        t0 = time.perf_counter()
+        analyze(base, tuned, all_modules=True, progress=False, engine="serial" if mode == "serial" else "ray")
+        return time.perf_counter() - t0
+    finally:
+        engine_ray.BATCHES_PER_CPU = batches
+
+
 def child(mode: str, base: str, tuned: str) -> None:
     """Run one measurement in this (fresh) process; print JSON with seconds and peak RSS."""
     # Imports happen before the clock starts: the benchmark times work, not interpreter start-up.
@@ -136,6 +168,23 @@ def child(mode: str, base: str, tuned: str) -> None:
 
     from dora_analysis.analysis import analyze
 
+    if mode.startswith("engines"):
+        # One round of the engine rows: serial and Ray with W workers, timed back to back in
+        # this process, in the order given and then in reverse (A B B A), on a cluster started
+        # for this round. Ray sits idle while serial runs; its processes' CPU over those runs is
+        # reported: at most that much of serial's time is Ray's doing.
+        workers, order = int(mode.split(":")[1]), mode.split(":")[2].split(",")
+        _start_ray(workers)
+        times: dict[str, list[float]] = {m: [] for m in order}
+        ray_cpu = serial_s = 0.0
+        for m in order + order[::-1]:
+            before = _ray_cpu_seconds()
+            times[m].append(_timed_analysis(m, base, tuned))
+            if m == "serial":
+                ray_cpu += sum(cpu - before.get(pid, 0.0) for pid, cpu in _ray_cpu_seconds().items())
+                serial_s += times[m][-1]
+        print(json.dumps({"mode": mode, "times": times, "ray_idle_cpu_share": ray_cpu / serial_s}))
+        return
     t0 = time.perf_counter()
     if mode == "read":
         total = 0
@@ -144,40 +193,39 @@ def child(mode: str, base: str, tuned: str) -> None:
                 with safe_open(str(f), framework="pt") as h:
                     for k in h.keys():
                         total += h.get_tensor(k).float().numel()
+    elif mode == "ray1-noop":
+        import ray
+
+        _start_ray(1)
+        # What one Ray task costs beyond its work: 200 no-op tasks, two in flight.
+        noop = ray.remote(num_cpus=1)(_noop)
+        t0 = time.perf_counter()
+        pending = [noop.remote(i) for i in range(2)]
+        for i in range(2, 200):
+            _, pending = ray.wait(pending, num_returns=1)
+            pending.append(noop.remote(i))
+        ray.get(pending)
+        print(json.dumps({"mode": mode, "seconds": (time.perf_counter() - t0) / 200, "peak_rss_mb": 0.0, "items": 200}))
+        return
     else:
-        engine, options = "serial", {}
-        if mode.startswith("ray"):
-            # Ray starts before the clock, as imports do: a cluster is started once per session.
-            import ray
-
-            from dora_analysis import engine_ray
-
-            workers = int(mode[3:].removesuffix("-unbatched").removesuffix("-noop"))
-            if mode.endswith("-unbatched"):
-                engine_ray.BATCHES_PER_CPU = 10**9  # every plan task its own Ray task
-            ray.init(num_cpus=workers, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-            # Ray starts its worker processes on first use, and each then imports torch and the
-            # package: seconds of start-up that a cluster pays once, not per analysis. Start and
-            # warm every worker before the clock, as the imports above are.
-            warm = ray.remote(num_cpus=1)(_warm_worker)
-            ray.get([warm.remote() for _ in range(workers)])
-            engine = "ray"
-            t0 = time.perf_counter()
-            if mode == "ray1-noop":
-                # What one Ray task costs beyond its work: 200 no-op tasks, two in flight.
-                noop = ray.remote(num_cpus=1)(_noop)
-                pending = [noop.remote(i) for i in range(2)]
-                for i in range(2, 200):
-                    _, pending = ray.wait(pending, num_returns=1)
-                    pending.append(noop.remote(i))
-                ray.get(pending)
-                print(json.dumps({"mode": mode, "seconds": (time.perf_counter() - t0) / 200, "peak_rss_mb": 0.0, "items": 200}))
-                return
-        df = analyze(base, tuned, all_modules=True, progress=False, engine=engine, engine_options=options)
-        total = len(df)
+        total = len(analyze(base, tuned, all_modules=True, progress=False))
     seconds = time.perf_counter() - t0
     peak_mb = _peak_rss_mb()
     print(json.dumps({"mode": mode, "seconds": seconds, "peak_rss_mb": peak_mb, "items": total}))
+
+
+def _ray_cpu_seconds() -> dict[int, float]:
+    """User + system CPU seconds of each process this one started (Ray's), by pid."""
+    import psutil
+
+    seconds = {}
+    for p in psutil.Process().children(recursive=True):
+        try:
+            t = p.cpu_times()
+        except psutil.Error:  # a Ray helper process may exit at any time
+            continue
+        seconds[p.pid] = t.user + t.system
+    return seconds
 
 
 def measure(mode: str, base: Path, tuned: Path) -> dict[str, float]:
@@ -239,27 +287,34 @@ def bench_engines(root: Path, layers: int, repeats: int) -> None:
     if not base.is_dir():
         base, tuned = write_pair(root / f"L{layers}", layers)
     measure("read", base, tuned)  # page cache
-    modes = ["analyze", "ray1", "ray2", "ray2-unbatched"]
-    times: dict[str, list[float]] = {mode: [] for mode in modes}
-    rss: dict[str, float] = {}
+    # A round: one child per worker count, each timing serial and Ray back to back (A B B A).
+    rounds: list[dict[str, float]] = []  # per child: each mode's mean seconds
+    share: list[float] = []
     for i in range(repeats):
-        for mode in rotated(modes, i):
-            r = measure(mode, base, tuned)
-            times[mode].append(r["seconds"])
-            rss[mode] = max(rss.get(mode, 0.0), r["peak_rss_mb"])
-            print(f"  engines run {i + 1} {mode:14s} {r['seconds']:7.2f} s   peak RSS {r['peak_rss_mb']:7.0f} MB", flush=True)
-    serial = statistics.median(times["analyze"])
-    print(f"\nengines on {layers} layers ({repeats} rounds, each engine once a round, in a rotating order)")
-    print("Ray's start-up is outside the clock, as imports are; speedup = serial / engine")
-    print("engine           median s  speedup: within-round (IQR)  of medians  of bests  driver peak RSS")
-    labels = (("analyze", "serial"), ("ray1", "ray x1"), ("ray2", "ray x2"), ("ray2-unbatched", "ray x2 unbatched"))
-    for mode, label in labels:
-        t = statistics.median(times[mode])
-        within, lo, hi = paired_ratio(times, "analyze", mode)
-        best = min(times["analyze"]) / min(times[mode])
-        print(f"{label:16s} {t:8.2f}  {within:15.2f} ({lo:.2f}-{hi:.2f})  {serial / t:10.2f}  {best:8.2f}  {rss[mode]:12.0f} MB")
-    within = paired_ratio(times, "analyze", "ray2")[0]
-    print(f"target: ray x2 >= 1.5 x serial (median of within-round ratios): {'met' if within >= 1.5 else 'MISSED'}")
+        for workers in (1, 2) if i % 2 == 0 else (2, 1):
+            modes = rotated(["serial", f"ray{workers}"] + (["ray2-unbatched"] if workers == 2 else []), i)
+            r = measure(f"engines:{workers}:{','.join(modes)}", base, tuned)
+            rounds.append({m: statistics.fmean(t) for m, t in r["times"].items()})
+            share.append(r["ray_idle_cpu_share"])
+            runs = "  ".join(f"{m} {' '.join(f'{x:.2f}' for x in t)}" for m, t in r["times"].items())
+            print(f"  round {i + 1}, {workers} worker(s): {runs} s", flush=True)
+    print(f"\nengines on {layers} layers ({repeats} rounds; a round times serial and Ray back to back in one")
+    print("process, A B B A, on a cluster started for it; Ray's start-up is outside the clock, as imports are)")
+    print("speedup = serial / engine; within-round: the median over rounds of the ratio of the round's means")
+    print("engine           median s  speedup: within-round (IQR)  of medians  of bests")
+    serial = [r["serial"] for r in rounds]
+    print(f"{'serial':16s} {statistics.median(serial):8.2f}  {1:15.2f} ({1:.2f}-{1:.2f})  {1:10.2f}  {1:8.2f}")
+    for mode, label in (("ray1", "ray x1"), ("ray2", "ray x2"), ("ray2-unbatched", "ray x2 unbatched")):
+        paired = {"serial": [r["serial"] for r in rounds if mode in r], mode: [r[mode] for r in rounds if mode in r]}
+        within, lo, hi = paired_ratio(paired, "serial", mode)
+        t = statistics.median(paired[mode])
+        ratio_of_medians = statistics.median(paired["serial"]) / t
+        best = min(paired["serial"]) / min(paired[mode])
+        print(f"{label:16s} {t:8.2f}  {within:15.2f} ({lo:.2f}-{hi:.2f})  {ratio_of_medians:10.2f}  {best:8.2f}")
+        if mode == "ray2":
+            target = within
+    print(f"Ray's idle processes while serial ran: {100 * statistics.median(share):.1f}% of serial's time in CPU (median)")
+    print(f"target: ray x2 >= 1.5 x serial (median of within-round ratios): {'met' if target >= 1.5 else 'MISSED'}")
     noop = measure("ray1-noop", base, tuned)
     print(f"one Ray task's own cost (200 no-op tasks on one worker, two in flight): {noop['seconds'] * 1e3:.1f} ms")
     bin_base, bin_tuned = write_bin_pair(base, tuned, root / f"L{layers}")
