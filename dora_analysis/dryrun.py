@@ -9,7 +9,9 @@ memory it holds. The model of a task (:func:`~dora_analysis.engine.execute_task`
   adapter's factors, which are small, so they are counted as 0);
 * holds at most: the base matrix and one tuned matrix as stored, plus, for an adapter, W' built
   in float32, plus the blocks of the blocked reductions (two float64 blocks) and a few float64
-  vectors per row. Everything else (the interpreter, torch) is a constant per worker.
+  vectors per row. Everything else (the interpreter, torch) is a constant per worker, and so
+  is what a reader keeps while its checkpoint is open: nothing for the formats read one tensor
+  at a time, the whole file for a legacy torch pickle, which is printed beside the tasks.
 
 Wall time on N nodes is then ``total bytes / (N x per-node read bandwidth)`` for as long as
 there are more tasks than workers; see ``docs/scaling.md`` for the worked 70B case.
@@ -75,6 +77,21 @@ def task_cost(task: Task, base: TensorStore) -> TaskCost:
     return TaskCost(task.name, len(task.jobs), read, base_bytes + largest_tuned + working)
 
 
+@dataclass(frozen=True)
+class PlanCost:
+    """A costed plan.
+
+    Attributes:
+        tasks: One per base matrix, in plan order.
+        held: Checkpoints whose readers keep their tensors in memory while open (a legacy torch
+            pickle is read whole), with those bytes: held by every process that runs tasks,
+            for the whole run, on top of each task's peak.
+    """
+
+    tasks: list[TaskCost]
+    held: dict[Path, int]
+
+
 def plan_costs(
     base: str | os.PathLike[str],
     tuned: Sequence[str | os.PathLike[str]],
@@ -83,16 +100,19 @@ def plan_costs(
     all_modules: bool = False,
     steps: Iterable[int] | None = None,
     last: int | None = None,
-) -> list[TaskCost]:
+) -> PlanCost:
     """The plan ``analyze`` would run on these paths, costed; reads headers only."""
     with headers_only():  # a checkpoint that has no headers to plan from is refused, not loaded
         store = _open_base(base)
         runs = open_runs(list(tuned), steps=steps, last=last)
-    shapes = {k: store.shape(k) for k in store.keys()}
-    selected = nm.select(shapes, modules, include_all=all_modules)
-    if not selected:
-        raise InputError("no tensor matches the selection", path=store.path, hint="list names with `dora-analyze --list BASE`")
-    return [task_cost(task, store) for task in build_plan(store, runs, selected)]
+        shapes = {k: store.shape(k) for k in store.keys()}  # may open shards: still headers only
+        selected = nm.select(shapes, modules, include_all=all_modules)
+        if not selected:
+            raise InputError("no tensor matches the selection", path=store.path, hint="list names with `dora-analyze --list BASE`")
+        tasks = [task_cost(task, store) for task in build_plan(store, runs, selected)]
+    # After costing: a sharded checkpoint has opened exactly the shards the run will read.
+    holders = [(store.path, store.held_bytes())] + [(snap.path, snap.held_bytes()) for run in runs for _, snap in run.steps]
+    return PlanCost(tasks, {path: n for path, n in holders if n})
 
 
 def _size(n: float) -> str:
@@ -105,7 +125,8 @@ def _size(n: float) -> str:
 
 def describe_plan(base: str | os.PathLike[str], tuned: Sequence[str | os.PathLike[str]], **selection: object) -> str:
     """The plan as text: one line per task, then the totals."""
-    costs = plan_costs(base, tuned, **selection)  # type: ignore[arg-type]
+    plan = plan_costs(base, tuned, **selection)  # type: ignore[arg-type]
+    costs = plan.tasks
     width = max(len(c.name) for c in costs)
     lines = [f"{'task (base matrix)':{width}s}  tuned  {'read':>10s}  {'peak memory':>11s}"]
     lines += [f"{c.name:{width}s}  {c.jobs:5d}  {_size(c.read_bytes):>10s}  {_size(c.peak_bytes):>11s}" for c in costs]
@@ -116,6 +137,14 @@ def describe_plan(base: str | os.PathLike[str], tuned: Sequence[str | os.PathLik
         f"tasks: {len(costs)} (one per base matrix); tuned matrices: {sum(c.jobs for c in costs)}",
         f"bytes read in all: {_size(total)} ({total} B)",
         f"largest task: {largest.name}: reads {_size(largest.read_bytes)}, peak memory {_size(largest.peak_bytes)}",
-        f"base: {Path(base)}",
     ]
+    if plan.held:
+        held = sum(plan.held.values())
+        lines += [
+            f"held for the whole run by every process that runs tasks, on top of each task's peak: {_size(held)},"
+            f" read whole from {len(plan.held)} checkpoint(s) that cannot be read one tensor at a time"
+            " (torch pickles in the legacy or a big-endian format; resave them as safetensors to read them lazily):",
+            *(f"  {path}: {_size(n)}" for path, n in plan.held.items()),
+        ]
+    lines.append(f"base: {Path(base)}")
     return "\n".join(lines)

@@ -53,6 +53,10 @@ class Snapshot(ABC):
         """
         return None
 
+    def held_bytes(self) -> int:
+        """Bytes its reader keeps in memory while it is open (:meth:`TensorStore.held_bytes`)."""
+        return 0
+
     @abstractmethod
     def weight(self, name: str, base_weight: torch.Tensor) -> torch.Tensor:
         """The effective tuned tensor for base tensor ``name``, shaped and laid out like it.
@@ -81,6 +85,9 @@ class FullSnapshot(Snapshot):
 
     def weight(self, name: str, base_weight: torch.Tensor) -> torch.Tensor:
         return self.store.get(self._names[name])
+
+    def held_bytes(self) -> int:
+        return self.store.held_bytes()
 
     def __repr__(self) -> str:
         return f"FullSnapshot({str(self.path)!r})"

@@ -117,6 +117,9 @@ class AdapterSnapshot(Snapshot):
         self._bound: dict[str, str] = {}  # base tensor name -> adapter tensor name
         self._layouts: dict[str, Layout] = {}  # target module -> layout in the base
 
+    def held_bytes(self) -> int:
+        return self.store.held_bytes()
+
     # -- what each format provides ---------------------------------------------------------
 
     def _update(self, module: str, layout: Layout) -> Update:

@@ -66,6 +66,12 @@ class TensorStore(ABC):
         """The ``config.json`` beside the checkpoint (Hugging Face model config), or ``{}``."""
         return config_beside(self.path)
 
+    def held_bytes(self) -> int:
+        """Bytes of tensor data this store keeps in memory for as long as it is open (or, opened
+        inside :func:`headers_only`, would keep once opened for reading); 0 for a reader that
+        reads one tensor at a time."""
+        return 0
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.path)!r}, {len(self)} tensors)"
 
@@ -138,3 +144,7 @@ class MemoryStore(TensorStore):
 
     def _read(self, key: str) -> torch.Tensor:
         return self._tensors[key]
+
+    def held_bytes(self) -> int:
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in self._tensors.values()}
+        return sum(storages.values())

@@ -101,6 +101,9 @@ class QuantizedStore(TensorStore):
     def config(self) -> dict:  # type: ignore[override]
         return self.inner.config
 
+    def held_bytes(self) -> int:
+        return self.inner.held_bytes()
+
     def _has(self, module: str, suffix: str) -> bool:
         return f"{module}{suffix}" in self._present
 

@@ -76,6 +76,9 @@ class ShardedStore(TensorStore):
     def _read(self, key: str) -> torch.Tensor:
         return self._shard(key).get(key)
 
+    def held_bytes(self) -> int:
+        return sum(shard.held_bytes() for shard in self._shards.values())  # the shards opened so far
+
 
 def _mode(path: Path) -> int | None:
     """The file type and permission bits of ``path`` (following links), or None if it cannot be seen."""

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ..errors import InputError, first_line
-from .base import TensorStore
+from .base import TensorStore, opening_headers_only
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
@@ -27,20 +27,25 @@ class TorchStore(TensorStore):
     its storage's bytes, as :class:`~.safetensors.SafetensorsStore` does, so its pages leave
     the process's RSS when the tensor is dropped; one mapping of the whole file would keep
     every page touched resident until the store closes, which over a whole-model walk is the
-    whole model. Legacy (non-zip) files are read whole, which that format leaves no way round.
+    whole model. Legacy (non-zip) files, and zip files whose storages cannot be mapped as they
+    are (big-endian, or from a torch that records no offsets), are read whole and held while
+    the store is open (:meth:`held_bytes`); inside :func:`~.base.headers_only` they are
+    unpickled onto the ``meta`` device instead, for their names and shapes.
     """
 
     def __init__(self, path: Path) -> None:
         super().__init__(path)
         self._tensors: dict[str, torch.Tensor] = {}
         self._layout: dict[str, _Layout] = {}
+        self._whole = False
         if zipfile.is_zipfile(path) and _little_endian(path):
             meta = _flatten_state(_torch_load(path, meta=True), path)
             layout = {k: _Layout.of(t) for k, t in meta.items()}
             if all(v is not None for v in layout.values()):
                 self._layout = layout  # type: ignore[assignment]
                 return
-        self._tensors = _flatten_state(_torch_load(path), path)
+        self._whole = True
+        self._tensors = _flatten_state(_torch_load(path, meta=opening_headers_only()), path)
 
     def keys(self) -> list[str]:
         return list(self._layout or self._tensors)
@@ -51,9 +56,16 @@ class TorchStore(TensorStore):
     def dtype(self, key: str) -> torch.dtype | None:
         return self._layout[key].dtype if self._layout else self._tensors[key].dtype
 
+    def held_bytes(self) -> int:
+        # The storages are the file, but for its pickle and (zip) records: its size bounds them.
+        return self.path.stat().st_size if self._whole else 0
+
     def _read(self, key: str) -> torch.Tensor:
         if not self._layout:
-            return self._tensors[key]
+            tensor = self._tensors[key]
+            if tensor.is_meta:
+                raise RuntimeError(f"{self.path}: opened for headers only, read {key}")  # a caller's bug, not bad input
+            return tensor
         entry = self._layout[key]
         if entry.nbytes == 0:
             return torch.empty_strided(entry.shape, entry.stride, dtype=entry.dtype)
