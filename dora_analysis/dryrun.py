@@ -83,13 +83,14 @@ class PlanCost:
 
     Attributes:
         tasks: One per base matrix, in plan order.
-        held: Checkpoints whose readers keep their tensors in memory while open (a legacy torch
-            pickle is read whole), with those bytes: held by every process that runs tasks,
-            for the whole run, on top of each task's peak.
+        held: Each opened checkpoint whose reader keeps its tensors in memory while open (a
+            legacy torch pickle is read whole), with those bytes: held by every process that
+            runs tasks, for the whole run, on top of each task's peak. A checkpoint opened
+            twice (as base and as a step) is held twice.
     """
 
     tasks: list[TaskCost]
-    held: dict[Path, int]
+    held: list[tuple[Path, int]]
 
 
 def plan_costs(
@@ -112,7 +113,7 @@ def plan_costs(
         tasks = [task_cost(task, store) for task in build_plan(store, runs, selected)]
     # After costing: a sharded checkpoint has opened exactly the shards the run will read.
     holders = [(store.path, store.held_bytes())] + [(snap.path, snap.held_bytes()) for run in runs for _, snap in run.steps]
-    return PlanCost(tasks, {path: n for path, n in holders if n})
+    return PlanCost(tasks, [(path, n) for path, n in holders if n])
 
 
 def _size(n: float) -> str:
@@ -139,12 +140,12 @@ def describe_plan(base: str | os.PathLike[str], tuned: Sequence[str | os.PathLik
         f"largest task: {largest.name}: reads {_size(largest.read_bytes)}, peak memory {_size(largest.peak_bytes)}",
     ]
     if plan.held:
-        held = sum(plan.held.values())
+        held = sum(n for _, n in plan.held)
         lines += [
             f"held for the whole run by every process that runs tasks, on top of each task's peak: {_size(held)},"
             f" read whole from {len(plan.held)} checkpoint(s) that cannot be read one tensor at a time"
             " (torch pickles in the legacy or a big-endian format; resave them as safetensors to read them lazily):",
-            *(f"  {path}: {_size(n)}" for path, n in plan.held.items()),
+            *(f"  {path}: {_size(n)}" for path, n in plan.held),
         ]
     lines.append(f"base: {Path(base)}")
     return "\n".join(lines)
