@@ -73,6 +73,18 @@ def run_label(run: str, method: str | None = None) -> str:
     return f"{run} ({method_label(method)})"
 
 
+def kind_order(data: pd.DataFrame) -> list[str]:
+    """The matrix kinds of ``data`` in the order the model holds them (``q_proj`` before
+    ``k_proj``, attention before the MLP): the order of their first rows, as the analyzer writes
+    rows in the base checkpoint's order, module by module.
+
+    Example:
+        >>> kind_order(pd.DataFrame({"kind": ["q_proj", "k_proj", "q_proj"]}))
+        ['q_proj', 'k_proj']
+    """
+    return list(dict.fromkeys(map(str, data["kind"])))
+
+
 def run_order(data: pd.DataFrame) -> list[str]:
     """The runs of ``data`` in the paper's order: FT, LoRA, DoRA, then other methods.
 
@@ -380,7 +392,7 @@ def _facet(
     if kinds is not None:
         _check_values(data, "kind", kinds)
     runs = list(runs) if runs is not None else run_order(data)
-    kinds = list(kinds) if kinds is not None else sorted(map(str, data["kind"].unique()))
+    kinds = list(kinds) if kinds is not None else kind_order(data)
     # Taken before the selection: a run without the kinds asked for still has a method.
     method_of = dict(zip(data["run"].astype(str), data["method"], strict=True))
     data = data[data["run"].astype(str).isin(runs) & data["kind"].astype(str).isin(kinds)]
@@ -545,7 +557,7 @@ def plot_trajectories(
     )
     if hue == "layer":
         long["layer"] = long["layer"].astype(int)  # Int64 -> int: plain levels for the palette
-    kinds = sorted(map(str, long["kind"].unique()))
+    kinds = kind_order(data)
     # Each panel as (run, kind or None for all, quantity), laid out in rows and columns.
     if row == "run":
         pooled = None if len(kinds) > 1 else kinds[0]

@@ -333,7 +333,7 @@ def _draw_figures(layers: pd.DataFrame, out_dir: Path, fmt: str) -> list[FigureB
     (out_dir / "figures").mkdir(exist_ok=True)
     mime = "image/svg+xml" if fmt == "svg" else "image/png"
     drawn: list[FigureBlock] = []
-    kinds = sorted(map(str, layers["kind"].unique()))
+    kinds = plotting.kind_order(layers)
     runs, wrap = _figure2_layout(layers)
 
     def save(grid: sns.FacetGrid, name: str, title: str, caption: str) -> None:
@@ -450,7 +450,7 @@ def _overview(layers: pd.DataFrame) -> str:
     runs = plotting.run_order(layers)
     method_of = dict(zip(layers["run"], layers["method"]))
     names = ", ".join(f"`{r}` ({method_label(method_of[r])})" for r in runs)
-    kinds = ", ".join(f"`{k}`" for k in sorted(map(str, layers["kind"].unique())))
+    kinds = ", ".join(f"`{k}`" for k in plotting.kind_order(layers))
     steps = layers.groupby("run")["step"].nunique()
     step_text = f"{steps.min()}" if steps.min() == steps.max() else f"{steps.min()} to {steps.max()}"
     axes = set(layers["axis"]) if "axis" in layers else {"out"}

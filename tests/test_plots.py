@@ -302,7 +302,7 @@ def test_trajectories_by_kind_one_panel_per_kind(layers: pd.DataFrame) -> None:
     df = make_layers({"ft": METHODS["ft"], "dora": METHODS["dora"]}, layers=3, kinds=LLAMA_KINDS)
     df = df[~((df["run"] == "dora") & (df["kind"] == "down_proj"))]
     g = plots.plot_trajectories(df, row="kind")
-    kinds = sorted(LLAMA_KINDS)
+    kinds = list(LLAMA_KINDS)  # the model's order, as the rows hold them: q_proj first, down_proj last
     assert g.axes.shape == (len(kinds), 4)  # kinds x (FT ΔM, FT ΔD, DoRA ΔM, DoRA ΔD)
     for i, kind in enumerate(kinds):
         for j, (run, column) in enumerate([("ft", "delta_m"), ("ft", "delta_d"), ("dora", "delta_m"), ("dora", "delta_d")]):
