@@ -81,6 +81,28 @@ def kinds(modules: Iterable[str]) -> dict[str, str]:
     return out
 
 
+# The order a block applies its matrices, attention (queries, keys, values, then its output)
+# before the MLP (gate, up, down), as :func:`kinds` names them in the common families. Checkpoint
+# files list tensors alphabetically (``mlp.down_proj`` before ``self_attn.q_proj``), so the files
+# cannot give this order.
+BLOCK_ORDER = (
+    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",  # LLaMA, Mistral, Qwen
+    "query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense",  # BERT
+    "c_attn", "attn.c_proj", "c_fc", "mlp.c_proj",  # GPT-2
+)  # fmt: skip
+
+
+def kind_order(names: Iterable[str]) -> list[str]:
+    """Matrix kinds in the order a block applies them (:data:`BLOCK_ORDER`), others after, alphabetically.
+
+    Example:
+        >>> kind_order(["down_proj", "q_proj", "rotary", "k_proj"])
+        ['q_proj', 'k_proj', 'down_proj', 'rotary']
+    """
+    rank = {kind: i for i, kind in enumerate(BLOCK_ORDER)}
+    return sorted(set(names), key=lambda kind: (rank.get(kind, len(rank)), kind))
+
+
 def is_embedding(name: str) -> bool:
     """True for embedding tables (PEFT treats them as fan_in_fan_out)."""
     return bool(_EMBEDDING_RE.search(module_name(name)))

@@ -36,7 +36,7 @@ from matplotlib.colors import to_hex
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from . import stats
+from . import names, stats
 from .paper import METHOD_ORDER, method_label
 
 # Axis and legend labels for the analyzer's columns; ΔD / ΔM as in the paper.
@@ -74,15 +74,14 @@ def run_label(run: str, method: str | None = None) -> str:
 
 
 def kind_order(data: pd.DataFrame) -> list[str]:
-    """The matrix kinds of ``data`` in the order the model holds them (``q_proj`` before
-    ``k_proj``, attention before the MLP): the order of their first rows, as the analyzer writes
-    rows in the base checkpoint's order, module by module.
+    """The matrix kinds of ``data`` in the order a block applies them (``q_proj`` before
+    ``k_proj``, attention before the MLP; :func:`dora_analysis.names.kind_order`).
 
     Example:
-        >>> kind_order(pd.DataFrame({"kind": ["q_proj", "k_proj", "q_proj"]}))
-        ['q_proj', 'k_proj']
+        >>> kind_order(pd.DataFrame({"kind": ["down_proj", "q_proj", "down_proj"]}))
+        ['q_proj', 'down_proj']
     """
-    return list(dict.fromkeys(map(str, data["kind"])))
+    return names.kind_order(map(str, data["kind"]))
 
 
 def run_order(data: pd.DataFrame) -> list[str]:

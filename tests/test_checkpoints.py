@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from dora_analysis.containers import open_checkpoint
 from dora_analysis.errors import InputError
-from dora_analysis.names import kinds, layer_index, match_names, select, strip_wrappers
+from dora_analysis.names import kind_order, kinds, layer_index, match_names, module_name, select, strip_wrappers
 
 STATE = {
     "layers.0.attn.q.weight": torch.randn(4, 3),
@@ -154,6 +154,31 @@ def test_head_prefix_is_found_from_the_names() -> None:
     assert match_names(base, tuned) == {b: "bert." + b for b in base}
     # ... and the other way round.
     assert match_names(tuned[:3], base) == dict(zip(tuned[:3], base))
+
+
+@pytest.mark.parametrize(
+    "family, expected",
+    [
+        ("llama", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+        ("bert", ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]),
+        ("gpt2", ["c_attn", "attn.c_proj", "c_fc", "mlp.c_proj"]),
+    ],
+)
+def test_kinds_of_real_models_are_listed_in_the_order_a_block_applies_them(family: str, expected: list[str]) -> None:
+    """The names come from transformers' own models, listed as checkpoints list them (alphabetically)."""
+    import transformers as tf
+
+    model = {
+        "llama": lambda: tf.LlamaModel(
+            tf.LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2)
+        ),
+        "bert": lambda: tf.BertModel(
+            tf.BertConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2)
+        ),
+        "gpt2": lambda: tf.GPT2Model(tf.GPT2Config(vocab_size=16, n_embd=8, n_layer=1, n_head=2)),
+    }[family]()
+    modules = sorted(module_name(k) for k, v in model.state_dict().items() if v.ndim == 2 and layer_index(k) is not None)
+    assert kind_order(kinds(modules).values()) == expected
 
 
 def test_names_layers_kinds_and_default_selection() -> None:
