@@ -302,9 +302,10 @@ def _figure2_layout(layers: pd.DataFrame) -> tuple[list[str], int | None]:
     return order, (4 if len(order) > 4 else None)
 
 
-def _figure2_caption(layers: pd.DataFrame, kind: str, runs: Sequence[str]) -> str:
+def _figure2_caption(layers: pd.DataFrame, kind: str, runs: Sequence[str], *, first: bool = True) -> str:
     """The figure-2 caption, with what is plotted counted from the rows (layers, checkpoints,
-    runs) and the paper's own setting named apart, so a reader can compare the two."""
+    runs) and the paper's own setting named apart, so a reader can compare the two. After the
+    first kind's figure, only the counts: the rest would repeat, once per kind."""
     part = layers[layers["kind"].astype(str) == kind]
     per_run = part.groupby("run").agg(layers=("layer", "nunique"), matrices=("module", "nunique"), steps=("step", "nunique"))
 
@@ -320,6 +321,8 @@ def _figure2_caption(layers: pd.DataFrame, kind: str, runs: Sequence[str]) -> st
     drawn = set(map(str, part["run"]))
     missing = [r for r in runs if str(r) not in drawn]
     lacking = f" (none in {', '.join(f'`{r}`' for r in missing)}: an empty panel)" if missing else ""
+    if not first:
+        return f"As above, for the `{kind}` matrices {where} at {at}, in {_plural(len(drawn), 'run')}{lacking}."
     return (
         f"ΔM against ΔD for the `{kind}` matrices {where} at {at}, in {_plural(len(drawn), 'run')}{lacking}: "
         "one point per matrix and checkpoint (the number is the layer, the colour the training step), with the "
@@ -344,9 +347,10 @@ def _draw_figures(layers: pd.DataFrame, out_dir: Path, fmt: str) -> list[FigureB
         finally:
             plt.close(grid.figure)  # figures are saved, never shown: free them at once
 
-    for kind in kinds:
+    for i, kind in enumerate(kinds):
         g = plotting.plot_md_grid(layers, runs=runs, kinds=[kind], col_wrap=wrap)
-        save(g, f"figure2_{_slug(kind)}", f"ΔM against ΔD: `{kind}` (the paper's figure 2 layout)", _figure2_caption(layers, kind, runs))
+        caption = _figure2_caption(layers, kind, runs, first=i == 0)
+        save(g, f"figure2_{_slug(kind)}", f"ΔM against ΔD: `{kind}` (the paper's figure 2 layout)", caption)
     steps = layers.groupby("run")["step"].nunique()
     if steps.max() > 1 and layers["layer"].notna().any():
         caption = "ΔM (left) and ΔD (right) of every matrix at each checkpoint, {rows}; colour is the layer."

@@ -209,6 +209,18 @@ def test_figure2_caption_names_a_run_without_the_kind() -> None:
     assert "`value` matrices of 3 layers at 1 to 2 checkpoints, in 2 runs (none in `lora`: an empty panel)" in caption
 
 
+def test_figure2_caption_explains_once_then_counts(tmp_path: Path) -> None:
+    """With several kinds, the first figure's caption says what is drawn; the others give their counts only."""
+    layers = make_layers(layers=3, steps=(10, 20), kinds=("query", "value"))
+    layers.to_csv(tmp_path / "layers.csv", index=False)
+    write_report(tmp_path, layers, summarize(layers, n_boot=0))
+    captions = [line for line in (tmp_path / "report.md").read_text().splitlines() if "matrices of 3 layers" in line]
+    assert len(captions) == 2
+    assert captions[0].startswith("*ΔM against ΔD for the `query` matrices of 3 layers at 2 checkpoints, in 3 runs:")
+    assert "OLS line" in captions[0] and "paper's figure 2" in captions[0]
+    assert captions[1] == "*As above, for the `value` matrices of 3 layers at 2 checkpoints, in 3 runs.*"
+
+
 def test_html_links_the_data_files_beside_it(tmp_path: Path, tables: tuple) -> None:
     """The HTML is written beside layers.csv, so it links it, as the Markdown does."""
     layers, summary = tables
