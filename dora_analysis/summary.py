@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import pandas as pd
 
+from . import names as nm
 from .metrics import Metric, build_metrics, metrics_of, summary_columns
 
 # The default summary's columns (the ``md`` metric's), derived from the metric's column specs.
@@ -44,9 +45,7 @@ def summarize(df: pd.DataFrame, *, metrics: Sequence[Metric] | None = None, n_bo
     rows: list[dict[str, object]] = []
     for run, part in df.groupby("run", sort=False):
         method = part["method"].iloc[0]
-        groups = [(k, p) for k, p in part.groupby("kind", sort=True)]
-        groups.append(("all", part))
-        for kind, sub in groups:
+        for kind, sub in _kinds_then_all(part):
             row: dict[str, object] = {"run": run, "method": method, "kind": kind}
             for metric in metrics:
                 row.update(metric.summarize(sub, n_boot=n_boot, seed=seed))
@@ -105,8 +104,7 @@ def permutation_summary(df: pd.DataFrame, *, n_perm: int = 10_000, seed: int = 0
 
     rows: list[dict[str, object]] = []
     for run, part in df.groupby("run", sort=False):
-        groups = [*part.groupby("kind", sort=True), ("all", part)]
-        for kind, sub in groups:
+        for kind, sub in _kinds_then_all(part):
             sub = sub.sort_values("step", kind="stable")  # each matrix's points in checkpoint order
             rows.append({
                 "run": run, "method": part["method"].iloc[0], "kind": kind, "n_matrices": sub["module"].nunique(),
@@ -114,3 +112,9 @@ def permutation_summary(df: pd.DataFrame, *, n_perm: int = 10_000, seed: int = 0
                 "r_perm_p": permutation_r(sub["delta_d"], sub["delta_m"], sub["module"], n_perm=n_perm, seed=seed),
             })  # fmt: skip
     return pd.DataFrame(rows, columns=["run", "method", "kind", "n_matrices", "pearson_r", "r_perm_p"])
+
+
+def _kinds_then_all(part: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """A run's rows per matrix kind, in the order a block applies them, then all of them pooled."""
+    by_kind = {str(kind): rows for kind, rows in part.groupby(part["kind"].astype(str), sort=False)}
+    return [(kind, by_kind[kind]) for kind in nm.kind_order(by_kind)] + [("all", part)]

@@ -70,3 +70,12 @@ def test_permutation_summary_is_opt_in_beside_the_default_summary() -> None:
     np.testing.assert_allclose(perm["pearson_r"], default["pearson_r"], rtol=1e-12)
     assert perm["r_perm_p"].between(0, 1).all()
     assert (perm.loc[perm["kind"] == "all", "n_matrices"] == 8).all()  # 4 layers x (query, value)
+
+
+def test_both_summaries_list_kinds_in_the_order_a_block_applies_them() -> None:
+    """Rows arrive as checkpoint files list tensors, alphabetically; the summaries follow the block."""
+    block = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    layers = make_layers(layers=3, kinds=tuple(sorted(block)))
+    for table in (summarize(layers, n_boot=0), permutation_summary(layers)):
+        for _, rows in table.groupby("run", sort=False):
+            assert list(rows["kind"]) == [*block, "all"]
