@@ -38,6 +38,7 @@ from .metrics import Metric, metrics_of
 from .metrics.md import MagnitudeDirection
 from .paper import PAPER_SETTING, is_paper_kind, method_label
 from .stats import has_sign, strength
+from .summary import in_block_order, magnitude_direction
 
 FORMATS = ("png", "svg", "pdf")
 DPI = 150
@@ -556,7 +557,7 @@ def _last_step_table(layers: pd.DataFrame, metric: Metric) -> Table:
     by_name = {c.name: c for c in metric.columns}
     columns = [by_name[n] for n in metric.headline if n in layers.columns]
     last = layers[layers["step"] == layers.groupby("run")["step"].transform("max")]
-    means = last.groupby(["run", "method", "kind"], sort=False)[[c.name for c in columns]].mean().reset_index()
+    means = in_block_order(last.groupby(["run", "method", "kind"], sort=False)[[c.name for c in columns]].mean().reset_index())
     header = ("run", "method", "kind", "step", *(f"mean {c.header}" for c in columns))
     steps = last.groupby("run")["step"].max()
     rows = tuple(
@@ -580,8 +581,6 @@ def _growth_table(layers: pd.DataFrame) -> Table | None:
     """Signed magnitude change per run and kind: do the vectors grow or shrink?"""
     if not {"delta_m_signed", "base_norm"} <= set(layers.columns):
         return None
-    from .summary import magnitude_direction
-
     rows = []
     for row in magnitude_direction(layers).to_dict("records"):
         share = _get(row, "shrink_share")

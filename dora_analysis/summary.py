@@ -74,7 +74,7 @@ def magnitude_direction(df: pd.DataFrame) -> pd.DataFrame:
         relative=("relative", "mean"),
         shrink_share=("shrinks", "mean"),
     )
-    return out.reset_index()
+    return in_block_order(out.reset_index())
 
 
 def permutation_summary(df: pd.DataFrame, *, n_perm: int = 10_000, seed: int = 0) -> pd.DataFrame:
@@ -112,6 +112,15 @@ def permutation_summary(df: pd.DataFrame, *, n_perm: int = 10_000, seed: int = 0
                 "r_perm_p": permutation_r(sub["delta_d"], sub["delta_m"], sub["module"], n_perm=n_perm, seed=seed),
             })  # fmt: skip
     return pd.DataFrame(rows, columns=["run", "method", "kind", "n_matrices", "pearson_r", "r_perm_p"])
+
+
+def in_block_order(frame: pd.DataFrame) -> pd.DataFrame:
+    """A per-(run, kind) frame with each run's kinds in the order a block applies them
+    (:func:`dora_analysis.names.kind_order`); runs keep their order."""
+    kinds = {kind: i for i, kind in enumerate(nm.kind_order(frame["kind"].astype(str)))}
+    runs = {run: i for i, run in enumerate(frame["run"].drop_duplicates())}
+    keyed = frame.assign(_r=frame["run"].map(runs), _k=frame["kind"].astype(str).map(kinds))
+    return keyed.sort_values(["_r", "_k"], kind="stable").drop(columns=["_r", "_k"]).reset_index(drop=True)
 
 
 def _kinds_then_all(part: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from dora_analysis.stats import EXACT_GROUPS, permutation_r
-from dora_analysis.summary import SUMMARY_COLUMNS, permutation_summary, summarize
+from dora_analysis.summary import SUMMARY_COLUMNS, magnitude_direction, permutation_summary, summarize
 
 from .test_plots import make_layers
 
@@ -79,3 +79,7 @@ def test_both_summaries_list_kinds_in_the_order_a_block_applies_them() -> None:
     for table in (summarize(layers, n_boot=0), permutation_summary(layers)):
         for _, rows in table.groupby("run", sort=False):
             assert list(rows["kind"]) == [*block, "all"]
+    growth = magnitude_direction(layers)
+    assert list(growth["run"].drop_duplicates()) == list(layers["run"].drop_duplicates())
+    for _, rows in growth.groupby("run", sort=False):
+        assert list(rows["kind"]) == list(block)
