@@ -448,7 +448,7 @@ def plot_md_grid(
     Args:
         data: The analyzer's DataFrame.
         runs: Runs to draw, in this order; default all, ordered by :func:`run_order`.
-        kinds: Matrix kinds to draw, in this order; default all, in the model's order (:func:`kind_order`).
+        kinds: Matrix kinds to draw, in this order; default all, in the order a block applies them (:func:`kind_order`).
         x: Column on the x axis (default ``delta_d``).
         y: Column on the y axis (default ``delta_m``).
         hue: Column colouring the points (default ``step``).
@@ -685,7 +685,7 @@ def plot_heatmap_grid(
         data: The analyzer's DataFrame.
         value: Column to show (default ``delta_d``; ``delta_m`` for magnitudes).
         runs: Runs to draw, in this order; default all, ordered by :func:`run_order`.
-        kinds: Kinds to draw, in this order; default all, in the model's order (:func:`kind_order`).
+        kinds: Kinds to draw, in this order; default all, in the order a block applies them (:func:`kind_order`).
         col_wrap: Wrap the runs into rows of this many panels (only with a single kind).
         height: Height of each panel, in inches.
         aspect: Width / height of each panel.

@@ -77,7 +77,8 @@ class TensorStore(ABC):
 
 
 # Set while checkpoints are opened for their names and shapes alone (``--dry-run``): a reader
-# that would have to load every tensor to open its checkpoint refuses instead.
+# that would have to load its tensors to open its checkpoint takes the shapes another way
+# (a torch pickle onto the ``meta`` device) or refuses (a DeepSpeed ZeRO step).
 _HEADERS_ONLY: ContextVar[bool] = ContextVar("headers_only", default=False)
 
 
