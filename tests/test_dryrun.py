@@ -79,7 +79,7 @@ def test_a_legacy_pickle_is_planned_without_loading_it_and_what_it_holds_is_prin
     name = next(iter(store.keys()))
     assert store.shape(name) == tuple(state[name].shape)
     with pytest.raises(RuntimeError, match="opened for headers only"):
-        store.get(name)  # its tensors are on the meta device: no data was read
+        store.get(name)  # its tensors are on the meta device: no data is held
 
     assert main([str(paths["base-legacy"]), str(paths["tuned-legacy"]), "--dry-run"]) == 0
     out = capsys.readouterr().out

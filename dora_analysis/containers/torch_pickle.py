@@ -124,7 +124,8 @@ def _little_endian(path: Path) -> bool:
 def _torch_load(path: Path, *, meta: bool = False) -> Any:
     """``torch.load`` that never executes pickled code and maps the file where it can.
 
-    With ``meta``, tensors come back on the ``meta`` device: layout only, no data read.
+    With ``meta``, tensors come back on the ``meta`` device: layout only, no data kept (a zip
+    file's data is not read at all; torch's loader still passes over a legacy file's bytes).
     """
     mapped = zipfile.is_zipfile(path)
     try:
